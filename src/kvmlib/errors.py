@@ -1,0 +1,44 @@
+"""The kvmlib exception hierarchy, rooted at :class:`KvmError`."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class KvmError(Exception):
+    """Root of every error kvmlib raises."""
+
+
+class KvmUnavailableError(KvmError):
+    """``/dev/kvm`` is missing, not permitted, or speaks an unsupported API."""
+
+
+class KvmIoctlError(KvmError):
+    """An ioctl failed; carries the ioctl's name and the errno.
+
+    Attributes:
+        ioctl: the ioctl's name as in ``<linux/kvm.h>`` (e.g. ``"KVM_RUN"``).
+        errno: the errno the kernel returned.
+    """
+
+    def __init__(self, ioctl: str, errno: int, detail: str = "") -> None:
+        self.ioctl = ioctl
+        self.errno = errno
+        name = _errno.errorcode.get(errno, str(errno))
+        msg = f"{ioctl} failed: [{name}] {os.strerror(errno)}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class GuestMemoryError(KvmError):
+    """A guest memory access or layout is invalid (out of bounds, overlap, misalignment)."""
+
+
+class VmError(KvmError):
+    """A VM or vCPU lifecycle operation was used wrongly or failed."""
+
+
+class VcpuError(VmError):
+    """A vCPU ended with an error (internal error, failed entry, unknown exit, device exception)."""

@@ -1,0 +1,376 @@
+"""Guest memory: guest-physical addresses, mmap-backed regions, and bounds-checked access.
+
+In the spirit of rust-vmm's vm-memory: a :class:`GuestMemoryMmap` is a sorted set of
+non-overlapping :class:`GuestRegionMmap`, each an ``mmap`` of host memory registered with KVM as one
+slot. Every access is checked against the regions as a whole before any byte moves, so a guest-
+supplied address can never make the host touch memory outside the guest's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+from itertools import pairwise
+from types import TracebackType
+from typing import Any, TypeVar
+
+from typing_extensions import Self
+
+from kvmlib.errors import GuestMemoryError
+
+PAGE_SIZE = mmap.PAGESIZE
+HUGE_PAGE_SIZE = 2 << 20
+_ADDR_LIMIT = 1 << 64
+
+#: ``KVM_MEM_*`` slot flags (the same values as in ``<linux/kvm.h>``).
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+
+_MAP_HUGETLB = 0x40000
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+class GuestAddress(int):
+    """A guest-physical address: an ``int`` in ``0 .. 2**64 - 1``."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: int = 0) -> Self:
+        v = int(value)
+        if not 0 <= v < _ADDR_LIMIT:
+            raise GuestMemoryError(f"guest address {v:#x} is outside 0..2**64-1")
+        return super().__new__(cls, v)
+
+    def __repr__(self) -> str:
+        return f"GuestAddress({int(self):#x})"
+
+    @property
+    def raw_value(self) -> int:
+        """The address as a plain int."""
+        return int(self)
+
+    def checked_add(self, offset: int) -> GuestAddress | None:
+        """``self + offset``, or None past the end of the address space."""
+        v = int(self) + offset
+        return GuestAddress(v) if 0 <= v < _ADDR_LIMIT else None
+
+    def unchecked_add(self, offset: int) -> GuestAddress:
+        """``self + offset``; raises GuestMemoryError past the end of the address space."""
+        return GuestAddress(int(self) + offset)
+
+
+class GuestRegionMmap:
+    """One contiguous guest-physical range backed by an ``mmap``.
+
+    Build one with :meth:`anonymous` or :meth:`from_file`.
+    """
+
+    def __init__(self, mapping: mmap.mmap, guest_base: GuestAddress, *, read_only: bool = False,
+                 log_dirty_pages: bool = False) -> None:
+        size = len(mapping)
+        base = GuestAddress(guest_base)
+        if base % PAGE_SIZE or size % PAGE_SIZE or size == 0:
+            raise GuestMemoryError(
+                f"region [{base:#x}, +{size:#x}) must be non-empty and page aligned ({PAGE_SIZE:#x})")
+        if base + size > _ADDR_LIMIT:
+            raise GuestMemoryError(f"region [{base:#x}, +{size:#x}) ends past 2**64")
+        self._map: mmap.mmap | None = mapping
+        self._view = memoryview(mapping)
+        self.start_addr = base
+        self.size = size
+        self.read_only = read_only
+        self.log_dirty_pages = log_dirty_pages
+        # The address is read once from a temporary export, which is then dropped so close() works.
+        holder = ctypes.c_char.from_buffer(mapping)
+        self.host_address: int = ctypes.addressof(holder)
+        del holder
+
+    @classmethod
+    def anonymous(cls, guest_base: GuestAddress | int, size: int, *, hugepages: bool = False,
+                  read_only: bool = False, log_dirty_pages: bool = False) -> GuestRegionMmap:
+        """Private anonymous memory (huge pages on request; ``size`` then a 2 MiB multiple)."""
+        _check_range(int(guest_base), size)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        if hugepages:
+            if size % HUGE_PAGE_SIZE:
+                raise GuestMemoryError(f"huge-page region size {size:#x} is not 2 MiB aligned")
+            flags |= _MAP_HUGETLB
+        try:
+            mapping = mmap.mmap(-1, size, flags=flags)
+        except OSError as e:
+            hint = " (are huge pages reserved? see /proc/sys/vm/nr_hugepages)" if hugepages else ""
+            raise GuestMemoryError(f"cannot map {size:#x} bytes: {e.strerror}{hint}") from None
+        return cls(mapping, GuestAddress(guest_base), read_only=read_only,
+                   log_dirty_pages=log_dirty_pages)
+
+    @classmethod
+    def from_file(cls, guest_base: GuestAddress | int, size: int, file: int | str | os.PathLike[str],
+                  offset: int = 0, *, read_only: bool = False,
+                  log_dirty_pages: bool = False) -> GuestRegionMmap:
+        """Memory shared with a file (``fd`` or path) from ``offset``: guest writes reach the file."""
+        _check_range(int(guest_base), size)
+        fd = file if isinstance(file, int) else os.open(file, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
+        except (OSError, ValueError) as e:
+            raise GuestMemoryError(f"cannot map {size:#x} bytes of {file!r} at {offset:#x}: {e}") \
+                from None
+        finally:
+            if not isinstance(file, int):
+                os.close(fd)
+        return cls(mapping, GuestAddress(guest_base), read_only=read_only,
+                   log_dirty_pages=log_dirty_pages)
+
+    @property
+    def len(self) -> int:
+        """The region's size in bytes."""
+        return self.size
+
+    @property
+    def flags(self) -> int:
+        """The ``KVM_MEM_*`` flags for this region's slot."""
+        return (KVM_MEM_LOG_DIRTY_PAGES if self.log_dirty_pages else 0) | (
+            KVM_MEM_READONLY if self.read_only else 0)
+
+    @property
+    def end(self) -> int:
+        """The first guest address past the region."""
+        return self.start_addr + self.size
+
+    def last_addr(self) -> GuestAddress:
+        """The region's last guest address (inclusive)."""
+        return GuestAddress(self.start_addr + self.size - 1)
+
+    def as_memoryview(self) -> memoryview:
+        """A view of the whole region (valid until :meth:`close`)."""
+        if self._map is None:
+            raise GuestMemoryError("the region is closed")
+        return self._view
+
+    def close(self) -> None:
+        """Unmap the region; idempotent."""
+        mapping, self._map = self._map, None
+        if mapping is not None:
+            self._view.release()
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a caller's view is alive: the mapping goes with the last such view
+
+    def __repr__(self) -> str:
+        return f"GuestRegionMmap({self.start_addr:#x}, size={self.size:#x}, flags={self.flags})"
+
+
+def _check_range(base: int, size: int) -> None:
+    if not isinstance(size, int) or size <= 0:
+        raise GuestMemoryError(f"region at {base:#x} has size {size!r}; it must be > 0")
+    if base % PAGE_SIZE or size % PAGE_SIZE:
+        raise GuestMemoryError(
+            f"region [{base:#x}, {base + size:#x}) is not page aligned ({PAGE_SIZE:#x})")
+    if base < 0 or base + size > _ADDR_LIMIT:
+        raise GuestMemoryError(f"region [{base:#x}, {base + size:#x}) is outside 0..2**64")
+
+
+_C = TypeVar("_C")
+_UNSIGNED = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"),
+             8: struct.Struct("<Q")}
+
+
+class GuestMemoryMmap:
+    """The guest's physical memory: sorted, non-overlapping regions, bounds-checked access."""
+
+    def __init__(self, regions: Iterable[GuestRegionMmap]) -> None:
+        ordered = sorted(regions, key=lambda r: r.start_addr)
+        if not ordered:
+            raise GuestMemoryError("guest memory needs at least one region")
+        for prev, cur in pairwise(ordered):
+            if cur.start_addr < prev.end:
+                raise GuestMemoryError(
+                    f"regions [{prev.start_addr:#x}, {prev.end:#x}) and "
+                    f"[{cur.start_addr:#x}, {cur.end:#x}) overlap")
+        self._regions = tuple(ordered)
+        self._starts = [r.start_addr for r in ordered]
+        self._closed = False
+
+    @classmethod
+    def from_ranges(cls, ranges: Iterable[tuple[GuestAddress | int, int]], *,
+                    hugepages: bool = False) -> GuestMemoryMmap:
+        """Anonymous regions for ``(base, size)`` pairs; page aligned, non-empty, disjoint."""
+        pairs = [(int(b), s) for b, s in ranges]
+        for base, size in pairs:
+            _check_range(base, size)
+        made: list[GuestRegionMmap] = []
+        try:
+            # Validate the layout before mapping anything.
+            ordered = sorted(pairs)
+            for (b0, s0), (b1, s1) in pairwise(ordered):
+                if b1 < b0 + s0:
+                    raise GuestMemoryError(f"ranges [{b0:#x}, {b0 + s0:#x}) and "
+                                           f"[{b1:#x}, {b1 + s1:#x}) overlap")
+            for base, size in pairs:
+                made.append(GuestRegionMmap.anonymous(base, size, hugepages=hugepages))
+            return cls(made)
+        except BaseException:
+            for r in made:
+                r.close()
+            raise
+
+    @classmethod
+    def from_regions(cls, regions: Iterable[GuestRegionMmap]) -> GuestMemoryMmap:
+        """Take ownership of already-built regions."""
+        return cls(regions)
+
+    @property
+    def regions(self) -> tuple[GuestRegionMmap, ...]:
+        """The regions, by ascending guest address."""
+        return self._regions
+
+    def num_regions(self) -> int:
+        """How many regions there are."""
+        return len(self._regions)
+
+    def last_addr(self) -> GuestAddress:
+        """The highest guest address backed by memory."""
+        return self._regions[-1].last_addr()
+
+    def find_region(self, addr: int) -> GuestRegionMmap | None:
+        """The region containing ``addr``, if any."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self._regions[i].end:
+            return self._regions[i]
+        return None
+
+    def address_in_range(self, addr: int) -> bool:
+        """Whether ``addr`` is backed by memory."""
+        return self.find_region(addr) is not None
+
+    def host_address(self, addr: int) -> int:
+        """The host virtual address backing guest address ``addr``."""
+        region = self._region_or_raise(addr)
+        return region.host_address + (addr - region.start_addr)
+
+    def _region_or_raise(self, addr: int) -> GuestRegionMmap:
+        if self._closed:
+            raise GuestMemoryError("guest memory is closed")
+        region = self.find_region(addr)
+        if region is None:
+            raise GuestMemoryError(f"guest address {int(addr):#x} is not backed by memory")
+        return region
+
+    def _spans(self, addr: int, size: int) -> list[tuple[memoryview, int, int]]:
+        """(region view, offset, length) pieces covering [addr, addr+size), or raise first."""
+        if self._closed:
+            raise GuestMemoryError("guest memory is closed")
+        if size < 0:
+            raise GuestMemoryError(f"access size {size} is negative")
+        if not 0 <= addr < _ADDR_LIMIT:
+            raise GuestMemoryError(f"guest address {addr:#x} is outside 0..2**64-1")
+        pieces = []
+        cur, left = addr, size
+        while left > 0:
+            region = self.find_region(cur)
+            if region is None:
+                raise GuestMemoryError(
+                    f"access [{addr:#x}, {addr + size:#x}) reaches unbacked address {cur:#x}")
+            off = cur - region.start_addr
+            n = min(left, region.size - off)
+            pieces.append((region.as_memoryview(), off, n))
+            cur += n
+            left -= n
+        return pieces
+
+    def read(self, size: int, addr: int) -> bytes:
+        """``size`` bytes from guest address ``addr``."""
+        pieces = self._spans(int(addr), size)
+        if len(pieces) == 1:
+            view, off, n = pieces[0]
+            return bytes(view[off:off + n])
+        return b"".join(bytes(v[o:o + n]) for v, o, n in pieces)
+
+    def read_into(self, addr: int, buf: Any) -> None:
+        """Fill the writable buffer ``buf`` from guest address ``addr``."""
+        out = memoryview(buf).cast("B")
+        pos = 0
+        for view, off, n in self._spans(int(addr), len(out)):
+            out[pos:pos + n] = view[off:off + n]
+            pos += n
+
+    def write(self, data: Any, addr: int) -> None:
+        """Write the bytes-like ``data`` at guest address ``addr`` (all or nothing)."""
+        src = memoryview(data).cast("B")
+        pos = 0
+        for view, off, n in self._spans(int(addr), len(src)):
+            view[off:off + n] = src[pos:pos + n]
+            pos += n
+
+    def read_obj(self, addr: int, ctype: type[_C]) -> _C:
+        """A ctypes object of type ``ctype`` copied from guest address ``addr``."""
+        size = ctypes.sizeof(ctype)  # type: ignore[arg-type]
+        return ctype.from_buffer_copy(self.read(size, addr))  # type: ignore[attr-defined, no-any-return]
+
+    def write_obj(self, obj: Any, addr: int) -> None:
+        """Write a ctypes object's bytes at guest address ``addr``."""
+        self.write(bytes(memoryview(obj).cast("B")), addr)
+
+    def _read_uint(self, addr: int, width: int) -> int:
+        return int(_UNSIGNED[width].unpack(self.read(width, addr))[0])
+
+    def _write_uint(self, value: int, addr: int, width: int) -> None:
+        if not 0 <= value < 1 << (8 * width):
+            raise GuestMemoryError(f"{value:#x} does not fit in {width} bytes")
+        self.write(_UNSIGNED[width].pack(value), addr)
+
+    def read_u8(self, addr: int) -> int:
+        """One byte."""
+        return self._read_uint(addr, 1)
+
+    def read_u16(self, addr: int) -> int:
+        """A little-endian 16-bit value."""
+        return self._read_uint(addr, 2)
+
+    def read_u32(self, addr: int) -> int:
+        """A little-endian 32-bit value."""
+        return self._read_uint(addr, 4)
+
+    def read_u64(self, addr: int) -> int:
+        """A little-endian 64-bit value."""
+        return self._read_uint(addr, 8)
+
+    def write_u8(self, value: int, addr: int) -> None:
+        """Write one byte."""
+        self._write_uint(value, addr, 1)
+
+    def write_u16(self, value: int, addr: int) -> None:
+        """Write a little-endian 16-bit value."""
+        self._write_uint(value, addr, 2)
+
+    def write_u32(self, value: int, addr: int) -> None:
+        """Write a little-endian 32-bit value."""
+        self._write_uint(value, addr, 4)
+
+    def write_u64(self, value: int, addr: int) -> None:
+        """Write a little-endian 64-bit value."""
+        self._write_uint(value, addr, 8)
+
+    def close(self) -> None:
+        """Unmap every region; idempotent."""
+        self._closed = True
+        for r in self._regions:
+            r.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+__all__ = [
+    "HUGE_PAGE_SIZE", "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "PAGE_SIZE", "GuestAddress",
+    "GuestMemoryMmap", "GuestRegionMmap",
+]

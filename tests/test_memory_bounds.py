@@ -1,0 +1,104 @@
+"""Guest memory: layout validation and bounds-checked, all-or-nothing access."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmlib import GuestAddress, GuestMemoryError, GuestMemoryMmap
+
+PAGE = 0x1000
+
+
+@pytest.fixture
+def memory() -> GuestMemoryMmap:
+    # Two adjacent regions, then a hole, then a third: [0, 2P) [2P, 3P) hole [4P, 5P).
+    return GuestMemoryMmap.from_ranges([(0, 2 * PAGE), (2 * PAGE, PAGE), (4 * PAGE, PAGE)])
+
+
+def test_an_access_across_adjacent_regions_round_trips(memory: GuestMemoryMmap) -> None:
+    data = bytes(range(256)) * 2
+    memory.write(data, GuestAddress(2 * PAGE - 100))
+    assert memory.read(len(data), GuestAddress(2 * PAGE - 100)) == data
+
+
+@pytest.mark.parametrize("addr, size", [(3 * PAGE - 4, 8), (5 * PAGE - 4, 8), (5 * PAGE, 1),
+                                        (2**64 - 1, 2), (10 * PAGE, 1)])
+def test_an_access_into_a_hole_or_past_the_end_raises_and_touches_nothing(
+        memory: GuestMemoryMmap, addr: int, size: int) -> None:
+    before = [memory.read(PAGE, GuestAddress(a)) for a in (0, PAGE, 2 * PAGE, 4 * PAGE)]
+    with pytest.raises(GuestMemoryError):
+        memory.write(b"\xAA" * size, GuestAddress(addr))
+    with pytest.raises(GuestMemoryError):
+        memory.read(size, GuestAddress(addr))
+    assert [memory.read(PAGE, GuestAddress(a)) for a in (0, PAGE, 2 * PAGE, 4 * PAGE)] == before
+
+
+@pytest.mark.parametrize("ranges, message", [
+    ([(0, PAGE + 1)], "page aligned"),
+    ([(1, PAGE)], "page aligned"),
+    ([(0, 0)], "must be > 0"),
+    ([(0, 2 * PAGE), (PAGE, PAGE)], "overlap"),
+    ([(2**64 - PAGE, 2 * PAGE)], "2\\*\\*64"),
+])
+def test_bad_layouts_are_rejected_with_a_clear_message(
+        ranges: list[tuple[int, int]], message: str) -> None:
+    with pytest.raises(GuestMemoryError, match=message):
+        GuestMemoryMmap.from_ranges(ranges)
+
+
+def test_integers_are_little_endian_and_range_checked(memory: GuestMemoryMmap) -> None:
+    memory.write_u32(0x11223344, GuestAddress(0x10))
+    assert memory.read(4, GuestAddress(0x10)) == bytes([0x44, 0x33, 0x22, 0x11])
+    assert memory.read_u16(GuestAddress(0x10)) == 0x3344
+    memory.write_u64(2**64 - 1, GuestAddress(0x20))
+    assert memory.read_u64(GuestAddress(0x20)) == 2**64 - 1
+    with pytest.raises(GuestMemoryError, match="does not fit"):
+        memory.write_u8(256, GuestAddress(0))
+
+
+def test_ctypes_objects_round_trip(memory: GuestMemoryMmap) -> None:
+    class Pair(ctypes.Structure):
+        _fields_ = [("a", ctypes.c_uint32), ("b", ctypes.c_uint64)]
+
+    memory.write_obj(Pair(7, 9), GuestAddress(0x100))
+    got = memory.read_obj(GuestAddress(0x100), Pair)
+    assert (got.a, got.b) == (7, 9)
+
+
+def test_host_address_points_at_the_guest_bytes(memory: GuestMemoryMmap) -> None:
+    memory.write(b"kvmlib", GuestAddress(4 * PAGE + 8))
+    assert ctypes.string_at(memory.host_address(GuestAddress(4 * PAGE + 8)), 6) == b"kvmlib"
+    with pytest.raises(GuestMemoryError):
+        memory.host_address(GuestAddress(3 * PAGE))
+
+
+def test_closed_memory_refuses_access_and_close_is_idempotent(memory: GuestMemoryMmap) -> None:
+    memory.close()
+    memory.close()
+    with pytest.raises(GuestMemoryError, match="closed"):
+        memory.read(1, GuestAddress(0))
+
+
+def test_guest_address_is_an_int_in_range() -> None:
+    assert GuestAddress(0x1000) + 1 == 0x1001
+    assert repr(GuestAddress(0x1000)) == "GuestAddress(0x1000)"
+    assert GuestAddress(2**64 - 1).checked_add(1) is None
+    with pytest.raises(GuestMemoryError):
+        GuestAddress(-1)
+
+
+@given(addr=st.integers(0, 6 * PAGE), data=st.binary(min_size=0, max_size=3 * PAGE))
+def test_any_write_either_round_trips_or_changes_nothing(addr: int, data: bytes) -> None:
+    with GuestMemoryMmap.from_ranges([(0, 2 * PAGE), (2 * PAGE, PAGE), (4 * PAGE, PAGE)]) as mem:
+        snapshot = [mem.read(r.size, r.start_addr) for r in mem.regions]
+        try:
+            mem.write(data, GuestAddress(addr))
+        except GuestMemoryError:
+            assert [mem.read(r.size, r.start_addr) for r in mem.regions] == snapshot
+            assert not (addr + len(data) <= 3 * PAGE or 4 * PAGE <= addr <= 5 * PAGE - len(data))
+        else:
+            assert mem.read(len(data), GuestAddress(addr)) == data
