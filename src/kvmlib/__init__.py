@@ -5,6 +5,7 @@ The layers, lowest first: :mod:`kvmlib.ioctl` (the kernel ABI and one wrapper pe
 :mod:`kvmlib.exit_handler` (the VM lifecycle). Everything a user needs is re-exported here.
 """
 
+from kvmlib.bus import BusError, IoManager, MmioDevice, MmioRange, PioDevice, PioRange
 from kvmlib.errors import (
     GuestMemoryError,
     KvmError,
@@ -13,6 +14,7 @@ from kvmlib.errors import (
     VcpuError,
     VmError,
 )
+from kvmlib.exit_handler import EventExitHandler, ExitHandler
 from kvmlib.ioctl import (
     Cap,
     FailEntry,
@@ -32,11 +34,16 @@ from kvmlib.ioctl import (
     VmFd,
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
+from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList, VcpuRunState, VmRunState
+from kvmlib.vm import KvmVm, Vm, VmConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BusError",
     "Cap",
+    "EventExitHandler",
+    "ExitHandler",
     "FailEntry",
     "GuestAddress",
     "GuestMemoryError",
@@ -46,20 +53,34 @@ __all__ = [
     "InternalError",
     "Intr",
     "IoIn",
+    "IoManager",
     "IoOut",
     "Kvm",
     "KvmError",
     "KvmIoctlError",
     "KvmUnavailableError",
+    "KvmVcpu",
+    "KvmVm",
+    "MmioDevice",
+    "MmioRange",
     "MmioRead",
     "MmioWrite",
+    "PioDevice",
+    "PioRange",
     "Shutdown",
     "SystemEvent",
     "Unknown",
+    "Vcpu",
+    "VcpuConfig",
+    "VcpuConfigList",
     "VcpuError",
     "VcpuExit",
     "VcpuFd",
+    "VcpuRunState",
+    "Vm",
+    "VmConfig",
     "VmError",
     "VmFd",
+    "VmRunState",
     "__version__",
 ]

@@ -795,16 +795,37 @@ class MmioWrite(NamedTuple):
     data: memoryview
 
 
-class Hlt(NamedTuple):
+class _Singleton:
+    """An exit with no payload: every instance equals every other of its class, and only those."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Hlt(_Singleton):
     """The guest executed ``hlt`` with no in-kernel irqchip to wait on."""
 
+    __slots__ = ()
 
-class Shutdown(NamedTuple):
+
+class Shutdown(_Singleton):
     """The guest shut down (on x86 typically a triple fault)."""
 
+    __slots__ = ()
 
-class Intr(NamedTuple):
+
+class Intr(_Singleton):
     """KVM_RUN returned because of a signal or ``immediate_exit`` (EINTR)."""
+
+    __slots__ = ()
 
 
 class SystemEvent(NamedTuple):
@@ -833,6 +854,25 @@ class Unknown(NamedTuple):
 
     reason: int
 
+
+def _eq_same_type(self: tuple[Any, ...], other: object) -> bool:
+    return type(other) is type(self) and tuple.__eq__(self, other) is True
+
+
+def _ne_same_type(self: tuple[Any, ...], other: object) -> bool:
+    return not _eq_same_type(self, other)
+
+
+def _hash_with_type(self: tuple[Any, ...]) -> int:
+    return hash((type(self), tuple(self)))
+
+
+# Exits with the same fields must still differ by kind: IoIn(...) never equals IoOut(...).
+for _cls in (IoIn, IoOut, MmioRead, MmioWrite, SystemEvent, InternalError, FailEntry, Unknown):
+    _cls.__eq__ = _eq_same_type  # type: ignore[method-assign]
+    _cls.__ne__ = _ne_same_type  # type: ignore[method-assign, assignment]
+    _cls.__hash__ = _hash_with_type  # type: ignore[method-assign]
+del _cls
 
 VcpuExit = TUnion[IoIn, IoOut, MmioRead, MmioWrite, Hlt, Shutdown, Intr, SystemEvent, InternalError,
                   FailEntry, Unknown]

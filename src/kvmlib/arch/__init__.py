@@ -1,0 +1,1 @@
+"""Architecture-specific setup (only x86-64 today)."""

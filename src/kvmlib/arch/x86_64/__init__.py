@@ -1,0 +1,1 @@
+"""x86-64: CPUID, MSRs, boot registers and the MP table."""

@@ -1,0 +1,222 @@
+"""The I/O bus: port (PIO) and MMIO address ranges mapped to devices.
+
+vCPU threads dispatch every port and MMIO exit here. Registration is rare and takes a lock; dispatch
+is the hot path and takes none: it reads an immutable snapshot (sorted range starts plus entries)
+that registration replaces in one assignment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from kvmlib.errors import KvmError
+
+
+class BusError(KvmError):
+    """A bus range is invalid or collides with one already registered."""
+
+
+def _check_range(kind: str, limit: int, base: int, size: int) -> None:
+    if not isinstance(base, int) or not isinstance(size, int):
+        raise BusError(f"{kind} range base and size must be ints, not {base!r}, {size!r}")
+    if size <= 0 or base < 0 or base + size > limit:
+        raise BusError(f"{kind} range [{base:#x}, +{size:#x}) must be non-empty and inside "
+                       f"0..{limit:#x}")
+
+
+class _Range:
+    """What port and MMIO ranges share: ``[base, base + size)`` arithmetic."""
+
+    __slots__ = ()
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        """The first port past the range."""
+        return self.base + self.size
+
+    def contains(self, addr: int, length: int = 1) -> bool:
+        """Whether the whole access ``[addr, addr + length)`` lies inside."""
+        return self.base <= addr and addr + length <= self.base + self.size
+
+    def overlaps(self, other: _Range) -> bool:
+        """Whether the two ranges share an address."""
+        return self.base < other.base + other.size and other.base < self.base + self.size
+
+
+@attrs.define(frozen=True, slots=True)
+class PioRange(_Range):
+    """Ports ``[base, base + size)``; the port space is 64 KiB."""
+
+    base: int
+    size: int
+
+    def __attrs_post_init__(self) -> None:
+        _check_range("PIO", 1 << 16, self.base, self.size)
+
+
+@attrs.define(frozen=True, slots=True)
+class MmioRange(_Range):
+    """Guest-physical addresses ``[base, base + size)``."""
+
+    base: int
+    size: int
+
+    def __attrs_post_init__(self) -> None:
+        _check_range("MMIO", 1 << 64, self.base, self.size)
+
+
+@runtime_checkable
+class PioDevice(Protocol):
+    """A device on ports. ``base`` is its range's start and ``offset`` the port minus ``base``."""
+
+    def pio_read(self, base: int, offset: int, data: memoryview) -> None:
+        """Fill ``data`` (the guest's ``in``); its length is the access size."""
+
+    def pio_write(self, base: int, offset: int, data: memoryview) -> None:
+        """Take the guest's ``out`` of ``data``."""
+
+
+@runtime_checkable
+class MmioDevice(Protocol):
+    """A device on guest-physical addresses no memory slot backs."""
+
+    def mmio_read(self, base: int, offset: int, data: memoryview) -> None:
+        """Fill ``data`` (the guest's load)."""
+
+    def mmio_write(self, base: int, offset: int, data: memoryview) -> None:
+        """Take the guest's store of ``data``."""
+
+
+_Entry = tuple[int, int, object]  # (base, end, device)
+
+
+class _Space:
+    """One address space's registrations: a sorted snapshot swapped whole on change."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.starts: tuple[int, ...] = ()
+        self.entries: tuple[_Entry, ...] = ()
+        self.ranges: dict[int, tuple[_Range, object]] = {}
+
+    def add(self, rng: _Range, device: object) -> None:
+        for other, _ in self.ranges.values():
+            if rng.overlaps(other):
+                raise BusError(f"{self.kind} range [{rng.base:#x}, {rng.end:#x}) overlaps "
+                               f"[{other.base:#x}, {other.end:#x})")
+        self.ranges[rng.base] = (rng, device)
+        self._rebuild()
+
+    def remove(self, base: int) -> None:
+        if self.ranges.pop(base, None) is None:
+            raise BusError(f"no {self.kind} range starts at {base:#x}")
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        ordered = sorted(self.ranges.values(), key=lambda item: item[0].base)
+        entries = tuple((r.base, r.end, d) for r, d in ordered)
+        # One tuple assignment: a concurrent dispatcher sees the old or the new set, never a mix.
+        self.entries, self.starts = entries, tuple(e[0] for e in entries)
+
+    def find(self, addr: int, length: int) -> _Entry | None:
+        entries = self.entries
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0:
+            entry = entries[i]
+            if addr + length <= entry[1]:
+                return entry
+        return None
+
+
+class IoManager:
+    """Routes port and MMIO accesses to registered devices.
+
+    Policy for accesses no device claims (none of its range holds the whole access): reads return
+    all ones (``0xff`` bytes), as an empty ISA bus does; writes are dropped. Each is counted in
+    ``unclaimed_*``; the counters are for diagnostics and may miss increments under concurrency.
+    Exceptions a device raises propagate to the caller (the vCPU, which ends and reports them).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pio = _Space("PIO")
+        self._mmio = _Space("MMIO")
+        self.unclaimed_pio_reads = 0
+        self.unclaimed_pio_writes = 0
+        self.unclaimed_mmio_reads = 0
+        self.unclaimed_mmio_writes = 0
+
+    def register_pio(self, rng: PioRange, device: PioDevice) -> None:
+        """Attach ``device`` to the ports of ``rng``; BusError if they overlap another range."""
+        with self._lock:
+            self._pio.add(rng, device)
+
+    def register_mmio(self, rng: MmioRange, device: MmioDevice) -> None:
+        """Attach ``device`` to the addresses of ``rng``; BusError if they overlap another range."""
+        with self._lock:
+            self._mmio.add(rng, device)
+
+    def deregister_pio(self, base: int) -> None:
+        """Remove the port range starting at ``base``."""
+        with self._lock:
+            self._pio.remove(base)
+
+    def deregister_mmio(self, base: int) -> None:
+        """Remove the MMIO range starting at ``base``."""
+        with self._lock:
+            self._mmio.remove(base)
+
+    def pio_ranges(self) -> tuple[tuple[_Range, object], ...]:
+        """Every registered port range and its device."""
+        return tuple(self._pio.ranges.values())
+
+    def mmio_ranges(self) -> tuple[tuple[_Range, object], ...]:
+        """Every registered MMIO range and its device."""
+        return tuple(self._mmio.ranges.values())
+
+    def pio_read(self, port: int, data: memoryview) -> bool:
+        """Dispatch a guest ``in``; True if a device answered, else ``data`` is all ones."""
+        entry = self._pio.find(port, len(data))
+        if entry is None:
+            self.unclaimed_pio_reads += 1
+            data[:] = b"\xff" * len(data)
+            return False
+        entry[2].pio_read(entry[0], port - entry[0], data)  # type: ignore[attr-defined]
+        return True
+
+    def pio_write(self, port: int, data: memoryview) -> bool:
+        """Dispatch a guest ``out``; True if a device took it, else it is dropped."""
+        entry = self._pio.find(port, len(data))
+        if entry is None:
+            self.unclaimed_pio_writes += 1
+            return False
+        entry[2].pio_write(entry[0], port - entry[0], data)  # type: ignore[attr-defined]
+        return True
+
+    def mmio_read(self, addr: int, data: memoryview) -> bool:
+        """Dispatch a guest MMIO load; True if a device answered, else ``data`` is all ones."""
+        entry = self._mmio.find(addr, len(data))
+        if entry is None:
+            self.unclaimed_mmio_reads += 1
+            data[:] = b"\xff" * len(data)
+            return False
+        entry[2].mmio_read(entry[0], addr - entry[0], data)  # type: ignore[attr-defined]
+        return True
+
+    def mmio_write(self, addr: int, data: memoryview) -> bool:
+        """Dispatch a guest MMIO store; True if a device took it, else it is dropped."""
+        entry = self._mmio.find(addr, len(data))
+        if entry is None:
+            self.unclaimed_mmio_writes += 1
+            return False
+        entry[2].mmio_write(entry[0], addr - entry[0], data)  # type: ignore[attr-defined]
+        return True
+
+
+__all__ = ["BusError", "IoManager", "MmioDevice", "MmioRange", "PioDevice", "PioRange"]

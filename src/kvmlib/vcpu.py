@@ -1,0 +1,366 @@
+"""One vCPU: its configuration, creation on x86-64, the exit loop, and the shared run state.
+
+The shape follows rust-vmm's vmm-reference ``KvmVcpu``: every vCPU thread waits on a barrier until all
+exist, then calls KVM_RUN in a loop, handing port and MMIO exits to the bus. A VM-wide
+:class:`VcpuRunState` (a state under a condition variable) tells each vCPU, when a signal or
+``immediate_exit`` kicks it out of KVM_RUN, whether to go back in, park, or return.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from kvmlib.arch.x86_64.cpuid import (
+    CpuidEntry,
+    entries_from_kvm_cpuid2,
+    filter_cpuid,
+    to_kvm_cpuid2,
+)
+from kvmlib.arch.x86_64.msrs import boot_msr_entries
+from kvmlib.arch.x86_64.regs import setup_boot_regs, setup_fpu, setup_lapic, setup_sregs
+from kvmlib.bus import IoManager
+from kvmlib.errors import KvmIoctlError, VcpuError, VmError
+from kvmlib.ioctl import (
+    Hlt,
+    Intr,
+    IoIn,
+    IoOut,
+    Kvm,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    VcpuExit,
+    VmFd,
+    kvm_regs,
+    kvm_sregs,
+)
+from kvmlib.memory import GuestAddress, GuestMemoryMmap
+
+log = logging.getLogger(__name__)
+
+#: The signal that kicks a vCPU thread out of KVM_RUN (``SIGRTMIN + 0``, as in vmm-reference).
+VCPU_KICK_SIGNAL = signal.SIGRTMIN
+
+#: The MP table (and so an x86 VM) addresses at most this many vCPUs.
+MAX_VCPUS = 254
+
+
+class VmRunState(enum.Enum):
+    """What the VM wants its vCPUs to do when they next leave KVM_RUN."""
+
+    RUNNING = "running"
+    SUSPENDING = "suspending"
+    EXITING = "exiting"
+
+
+class VcpuRunState:
+    """A :class:`VmRunState` shared by the VM and its vCPUs, under a condition variable.
+
+    Besides the state it counts the vCPUs parked by a suspension, so a pauser can wait until
+    every vCPU has really stopped.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._state = VmRunState.RUNNING
+        self._parked = 0
+
+    @property
+    def state(self) -> VmRunState:
+        """The current state (a plain read: the condition guards changes, not this snapshot)."""
+        return self._state
+
+    @property
+    def parked(self) -> int:
+        """How many vCPUs are waiting in :meth:`park`."""
+        return self._parked
+
+    def set_and_notify(self, state: VmRunState) -> None:
+        """Set the state and wake every waiter."""
+        with self._cond:
+            self._state = state
+            self._cond.notify_all()
+
+    def wait_until(self, predicate: Callable[[VcpuRunState], bool],
+                   timeout: float | None = None) -> bool:
+        """Block until ``predicate(self)`` holds (re-checked on every notify); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def park(self) -> VmRunState:
+        """Called by a vCPU: wait while the state is SUSPENDING, then return the new state."""
+        with self._cond:
+            self._parked += 1
+            self._cond.notify_all()
+            try:
+                while self._state is VmRunState.SUSPENDING:
+                    self._cond.wait()
+            finally:
+                self._parked -= 1
+            return self._state
+
+
+def _kick_handler(signum: int, frame: FrameType | None) -> None:
+    """Nothing to do: the signal's only job is to make KVM_RUN return EINTR."""
+
+
+def setup_signal_handler() -> None:
+    """Install the handler for :data:`VCPU_KICK_SIGNAL` (idempotent).
+
+    Its default action would kill the process and ignoring it would not interrupt KVM_RUN, so
+    some handler must be in place before any vCPU is kicked. Python installs handlers only from the
+    main thread: call this (or :meth:`kvmlib.KvmVm.run`) there first when driving VMs elsewhere.
+    A handler the application installed itself is kept.
+    """
+    current = signal.getsignal(VCPU_KICK_SIGNAL)
+    if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise VmError(
+            f"the vCPU kick signal {VCPU_KICK_SIGNAL!r} has no handler and Python can install one "
+            "only from the main thread: call kvmlib.vcpu.setup_signal_handler() there first"
+        )
+    signal.signal(VCPU_KICK_SIGNAL, _kick_handler)
+
+
+def _valid_vcpu_id(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or not 0 <= value < MAX_VCPUS:
+        raise VmError(f"{attribute.name} must be an int in 0..{MAX_VCPUS - 1}, not {value!r}")
+
+
+def _cpuid_tuple(entries: Iterable[CpuidEntry]) -> tuple[CpuidEntry, ...]:
+    return tuple(entries)
+
+
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+def _config_tuple(configs: Iterable[VcpuConfig]) -> tuple[VcpuConfig, ...]:
+    return tuple(configs)
+
+
+@attrs.define(frozen=True, slots=True)
+class VcpuConfig:
+    """What one vCPU is created with.
+
+    Attributes:
+        id: the vCPU id (also its APIC id).
+        cpuid: the CPUID entries it is given (filtered per vCPU at creation).
+        msrs: the MSR indices that make up its saveable state.
+    """
+
+    id: int = attrs.field(validator=_valid_vcpu_id)
+    cpuid: tuple[CpuidEntry, ...] = attrs.field(converter=_cpuid_tuple)
+    msrs: tuple[int, ...] = attrs.field(converter=_int_tuple)
+
+
+@attrs.define(frozen=True, slots=True)
+class VcpuConfigList:
+    """The configurations of every vCPU of a VM, ids 0..n-1 in order."""
+
+    configs: tuple[VcpuConfig, ...] = attrs.field(converter=_config_tuple)
+
+    @configs.validator
+    def _check(self, _attribute: attrs.Attribute[tuple[VcpuConfig, ...]],
+               value: tuple[VcpuConfig, ...]) -> None:
+        if not value:
+            raise VmError("a VM needs at least one vCPU")
+        ids = [c.id for c in value]
+        if ids != list(range(len(ids))):
+            raise VmError(f"vCPU ids must be 0..{len(ids) - 1} in order, not {ids}")
+
+    @classmethod
+    def from_kvm(cls, kvm: Kvm, num_vcpus: int) -> VcpuConfigList:
+        """One configuration per vCPU from the host's supported CPUID and saveable MSRs."""
+        if not isinstance(num_vcpus, int) or not 1 <= num_vcpus <= MAX_VCPUS:
+            raise VmError(f"num_vcpus must be in 1..{MAX_VCPUS}, not {num_vcpus!r}")
+        cpuid = entries_from_kvm_cpuid2(kvm.get_supported_cpuid())
+        msrs = tuple(kvm.get_msr_index_list())
+        return cls(VcpuConfig(i, cpuid, msrs) for i in range(num_vcpus))
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    def __iter__(self) -> Iterator[VcpuConfig]:
+        return iter(self.configs)
+
+    def __getitem__(self, index: int) -> VcpuConfig:
+        return self.configs[index]
+
+
+@runtime_checkable
+class Vcpu(Protocol):
+    """The contract of a vCPU as a VM drives it."""
+
+    @property
+    def id(self) -> int:
+        """The vCPU id."""
+
+    def run(self, instruction_pointer: GuestAddress | None = None) -> None:
+        """Run the exit loop in the calling thread until the vCPU stops."""
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN soon and consult the run state."""
+
+    def get_regs(self) -> kvm_regs:
+        """The general-purpose registers (only while the vCPU is not running)."""
+
+    def close(self) -> None:
+        """Release the vCPU's resources."""
+
+
+class KvmVcpu:
+    """A KVM vCPU configured for a 64-bit x86 boot, with the vmm-reference run loop.
+
+    Args:
+        vm_fd: the VM to create the vCPU in.
+        bus: where port and MMIO exits go.
+        config: id, CPUID and MSR list.
+        num_vcpus: how many vCPUs the VM has (CPUID topology).
+        run_barrier: passed by every vCPU before its first KVM_RUN.
+        run_state: the VM-wide run state.
+        memory: guest memory, for the GDT and page tables written at creation.
+    """
+
+    def __init__(self, vm_fd: VmFd, bus: IoManager, config: VcpuConfig, num_vcpus: int,
+                 run_barrier: threading.Barrier, run_state: VcpuRunState,
+                 memory: GuestMemoryMmap) -> None:
+        self.config = config
+        self.bus = bus
+        self.run_barrier = run_barrier
+        self.run_state = run_state
+        #: The exit that ended the loop normally (Hlt, Shutdown or SystemEvent), if one did.
+        self.exit_reason: VcpuExit | None = None
+        self._kick_lock = threading.Lock()
+        self._thread_ident: int | None = None
+        self.vcpu_fd = vm_fd.create_vcpu(config.id)
+        try:
+            self._configure(num_vcpus, memory)
+        except BaseException:
+            self.vcpu_fd.close()
+            raise
+
+    def _configure(self, num_vcpus: int, memory: GuestMemoryMmap) -> None:
+        fd = self.vcpu_fd
+        fd.set_cpuid2(to_kvm_cpuid2(filter_cpuid(self.config.cpuid, self.config.id, num_vcpus)))
+        fd.set_msrs(boot_msr_entries())
+        setup_sregs(fd, memory)
+        setup_fpu(fd)
+        # The LAPIC exists only once the VM has an in-kernel irqchip.
+        try:
+            setup_lapic(fd)
+        except KvmIoctlError as e:
+            if e.errno != errno.ENXIO:
+                raise
+
+    @property
+    def id(self) -> int:
+        """The vCPU id."""
+        return self.config.id
+
+    def get_regs(self) -> kvm_regs:
+        """KVM_GET_REGS; only meaningful while the vCPU is parked or not started."""
+        return self.vcpu_fd.get_regs()
+
+    def get_sregs(self) -> kvm_sregs:
+        """KVM_GET_SREGS; only meaningful while the vCPU is parked or not started."""
+        return self.vcpu_fd.get_sregs()
+
+    def kick(self) -> None:
+        """Set ``immediate_exit`` and signal the vCPU's thread, if it is in its loop.
+
+        ``immediate_exit`` covers a vCPU that is between two KVM_RUNs when the signal lands.
+        """
+        self.vcpu_fd.set_immediate_exit(True)
+        with self._kick_lock:
+            # Holding the lock keeps the thread alive (it clears the ident under the same lock
+            # before it ends), so the pthread id cannot be stale.
+            if self._thread_ident is not None:
+                signal.pthread_kill(self._thread_ident, VCPU_KICK_SIGNAL)
+
+    def run(self, instruction_pointer: GuestAddress | None = None) -> None:
+        """The vCPU loop; returns when the guest halts or shuts down, or the VM exits.
+
+        Raises:
+            VcpuError: KVM reported an internal error, a failed entry or an unknown exit.
+        """
+        if instruction_pointer is not None:
+            setup_boot_regs(self.vcpu_fd, int(instruction_pointer))
+        with self._kick_lock:
+            self._thread_ident = threading.get_ident()
+        try:
+            try:
+                self.run_barrier.wait()
+            except threading.BrokenBarrierError:
+                return  # the VM was shut down before every vCPU had started
+            self._loop()
+        finally:
+            with self._kick_lock:
+                self._thread_ident = None
+
+    def _loop(self) -> None:
+        # The hot path: names bound once, exit types compared by identity.
+        run = self.vcpu_fd.run
+        bus = self.bus
+        state = self.run_state
+        while True:
+            try:
+                exit_ = run()
+            except KvmIoctlError as e:
+                if e.errno == errno.EAGAIN:
+                    continue
+                raise
+            # Most frequent first: port and MMIO exits are the hot path.
+            if isinstance(exit_, IoOut):
+                _dispatch(bus.pio_write, exit_.port, exit_.size, exit_.count, exit_.data)
+            elif isinstance(exit_, IoIn):
+                _dispatch(bus.pio_read, exit_.port, exit_.size, exit_.count, exit_.data)
+            elif isinstance(exit_, MmioWrite):
+                bus.mmio_write(exit_.address, exit_.data)
+            elif isinstance(exit_, MmioRead):
+                bus.mmio_read(exit_.address, exit_.data)
+            elif isinstance(exit_, Intr):
+                self.vcpu_fd.set_immediate_exit(False)
+                current = state.state
+                if current is VmRunState.SUSPENDING:
+                    current = state.park()
+                if current is VmRunState.EXITING:
+                    return
+            elif isinstance(exit_, (Hlt, Shutdown, SystemEvent)):
+                self.exit_reason = exit_
+                log.debug("vCPU %d stopped: %r", self.id, exit_)
+                state.set_and_notify(VmRunState.EXITING)
+                return
+            else:  # InternalError, FailEntry, Unknown: never retried, never spun on
+                raise VcpuError(f"vCPU {self.id} stopped on {exit_!r}")
+
+    def close(self) -> None:
+        """Close the vCPU fd and unmap its ``kvm_run``."""
+        self.vcpu_fd.close()
+
+
+def _dispatch(handler: Callable[[int, memoryview], bool], port: int, size: int, count: int,
+              data: memoryview) -> None:
+    """Hand a port access to the bus, one element at a time for a string (``rep ins/outs``) one."""
+    if count == 1:
+        handler(port, data)
+        return
+    for i in range(0, size * count, size):
+        handler(port, data[i:i + size])
+
+
+__all__ = [
+    "MAX_VCPUS", "VCPU_KICK_SIGNAL", "KvmVcpu", "Vcpu", "VcpuConfig", "VcpuConfigList",
+    "VcpuRunState", "VmRunState", "setup_signal_handler",
+]
