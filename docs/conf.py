@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 project = "kvmlib"
 author = "kvmlib developers"
-copyright = "2026, kvmlib developers"  # noqa: A001
+copyright = "2026, kvmlib developers"
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

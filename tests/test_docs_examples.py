@@ -1,0 +1,20 @@
+"""The programs the docs show really run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from kvmlib import Kvm
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+
+def test_the_exit_handler_harness_runs_to_completion(kvm: Kvm) -> None:
+    done = subprocess.run([sys.executable, str(EXAMPLES / "harness.py")], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"\d+ heartbeats; paused at count \d+, rip 0x1000[0-9a-f]; "
+                        r"exit handler kicked: True\n", done.stdout), done.stdout
