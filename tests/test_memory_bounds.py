@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlib import GuestAddress, GuestMemoryError, GuestMemoryMmap
+from kvmlib import GuestAddress, GuestMemoryError, GuestMemoryMmap, GuestRegionMmap
+from kvmlib.memory import HUGE_PAGE_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 PAGE = 0x1000
 
@@ -102,3 +104,40 @@ def test_any_write_either_round_trips_or_changes_nothing(addr: int, data: bytes)
             assert not (addr + len(data) <= 3 * PAGE or 4 * PAGE <= addr <= 5 * PAGE - len(data))
         else:
             assert mem.read(len(data), GuestAddress(addr)) == data
+
+
+def test_a_file_backed_region_shares_its_bytes_with_the_file(tmp_path: Path) -> None:
+    backing = tmp_path / "ram"
+    backing.write_bytes(bytes(2 * PAGE))
+    region = GuestRegionMmap.from_file(GuestAddress(PAGE), PAGE, str(backing), offset=PAGE)
+    with GuestMemoryMmap.from_regions([region]) as mem:
+        mem.write(b"persisted", GuestAddress(PAGE + 16))
+        region.as_memoryview()  # still mapped
+    assert backing.read_bytes()[PAGE + 16:PAGE + 25] == b"persisted"
+
+
+def test_a_missing_backing_file_is_a_guest_memory_error(tmp_path: Path) -> None:
+    with pytest.raises(GuestMemoryError, match="cannot open"):
+        GuestRegionMmap.from_file(GuestAddress(0), PAGE, str(tmp_path / "absent"))
+
+
+def test_region_flags_are_the_kvm_slot_flags() -> None:
+    plain = GuestRegionMmap.anonymous(GuestAddress(0), PAGE)
+    ro = GuestRegionMmap.anonymous(GuestAddress(0), PAGE, read_only=True)
+    logged = GuestRegionMmap.anonymous(GuestAddress(0), PAGE, log_dirty_pages=True)
+    assert (plain.flags, ro.flags, logged.flags) == (0, KVM_MEM_READONLY, KVM_MEM_LOG_DIRTY_PAGES)
+    for r in (plain, ro, logged):
+        r.close()
+
+
+def test_huge_page_regions_when_the_host_has_them() -> None:
+    with pytest.raises(GuestMemoryError, match="2 MiB"):
+        GuestRegionMmap.anonymous(GuestAddress(0), PAGE, hugepages=True)
+    try:
+        mem = GuestMemoryMmap.from_ranges([(GuestAddress(0), HUGE_PAGE_SIZE)], hugepages=True)
+    except GuestMemoryError as e:
+        assert "nr_hugepages" in str(e)
+        pytest.skip(f"no huge pages reserved on this host: {e}")
+    with mem:
+        mem.write_u64(0x1234, GuestAddress(HUGE_PAGE_SIZE - 8))
+        assert mem.read_u64(GuestAddress(HUGE_PAGE_SIZE - 8)) == 0x1234

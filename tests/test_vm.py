@@ -9,7 +9,19 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvmlib import GuestAddress, GuestMemoryMmap, Kvm, Shutdown, VcpuError, VmError
+from kvmlib import (
+    FailEntry,
+    GuestAddress,
+    GuestMemoryMmap,
+    GuestRegionMmap,
+    InternalError,
+    Kvm,
+    MmioRange,
+    Shutdown,
+    Unknown,
+    VcpuError,
+    VmError,
+)
 from kvmlib.bus import IoManager
 from kvmlib.exit_handler import EventExitHandler, ExitHandler
 from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList, VmRunState
@@ -22,6 +34,7 @@ from .vm_guests import (
     COUNT_FOREVER,
     COUNTER,
     OUT_THEN_SPIN,
+    RAM_SIZE,
     REPORT_AND_WAKE_APS,
     SPIN,
     TRIPLE_FAULT,
@@ -211,9 +224,73 @@ def test_create_run_shutdown_cycles_leak_no_fd_and_no_thread(kvm: Kvm) -> None:
 
 
 def test_kvm_types_satisfy_the_protocols(make_vm: Factory) -> None:
-    vm: Vm = make_vm(1, {BSP_CODE: SPIN})  # mypy checks the structural match here
-    vcpu: Vcpu = vm.vcpus[0]  # type: ignore[attr-defined]
+    kvm_vm = make_vm(1, {BSP_CODE: SPIN})
+    # These annotated assignments are where mypy (run on the tests) checks the structural match.
+    vm: Vm = kvm_vm
+    vcpu: Vcpu = kvm_vm.vcpus[0]
     assert isinstance(vm, Vm) and isinstance(vcpu, Vcpu) and isinstance(vcpu, KvmVcpu)
+
+
+def test_shutdown_from_a_device_on_a_vcpu_thread(make_vm: Factory) -> None:
+    holder: list[KvmVm] = []
+    reporter = Reporter(on_write=lambda: holder[0].shutdown())  # noqa: PLW0108 - bound later
+    vm = make_vm(2, {BSP_CODE: OUT_THEN_SPIN, AP_CODE: AP_REPORT_AND_HALT}, bus_with(reporter))
+    holder.append(vm)
+    vm.run(BSP_CODE)
+    assert vm.wait(10)  # every vCPU thread ended, the caller's included
+    assert vm.vcpu_run_state.state is VmRunState.EXITING
+    vm.shutdown()
+
+
+@pytest.mark.parametrize("bad_exit", [InternalError(1, (2, 3)), FailEntry(0x21, 0), Unknown(99)])
+def test_error_exits_end_the_vcpu_with_the_exit_recorded(
+        make_vm: Factory, monkeypatch: pytest.MonkeyPatch, bad_exit: object) -> None:
+    vm = make_vm(1, {BSP_CODE: SPIN})
+    # Real KVM raises these only on hardware trouble: feed one to the loop instead.
+    monkeypatch.setattr(vm.vcpus[0].vcpu_fd, "run", lambda: bad_exit)
+    vm.run(BSP_CODE)
+    with pytest.raises(VcpuError, match=type(bad_exit).__name__):
+        vm.wait(10)
+    assert vm.vcpus[0].exit_reason is None
+    assert vm.vcpu_run_state.state is VmRunState.EXITING
+    vm.shutdown()  # the error was reported once, by wait()
+
+
+def test_more_regions_than_memslots_is_refused(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvm, "check_extension", lambda cap: 2)
+    with GuestMemoryMmap.from_ranges([(0, 0x1000), (0x2000, 0x1000), (0x4000, 0x1000)]) as memory, \
+            pytest.raises(VmError, match="3 regions but KVM offers only 2"):
+        KvmVm.create_vm(kvm, VmConfig.from_kvm(kvm, 1), EventExitHandler(), memory)
+
+
+class MmioRecorder:
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+
+    def mmio_read(self, base: int, offset: int, data: memoryview) -> None:
+        data[:] = bytes(len(data))
+
+    def mmio_write(self, base: int, offset: int, data: memoryview) -> None:
+        self.writes.append((base + offset, bytes(data)))
+
+
+def test_a_read_only_region_turns_guest_writes_into_mmio_exits(kvm: Kvm) -> None:
+    rom_base = 0x200000
+    # mov rax, rom_base ; mov byte [rax], 0x5a ; jmp $
+    code = bytes([0x48, 0xC7, 0xC0, 0x00, 0x00, 0x20, 0x00, 0xC6, 0x00, 0x5A, 0xEB, 0xFE])
+    ram = GuestRegionMmap.anonymous(GuestAddress(0), RAM_SIZE)
+    rom = GuestRegionMmap.anonymous(GuestAddress(rom_base), 0x1000, read_only=True)
+    recorder = MmioRecorder()
+    bus = IoManager()
+    bus.register_mmio(MmioRange(rom_base, 0x1000), recorder)
+    with GuestMemoryMmap.from_regions([ram, rom]) as memory, KvmVm.new(
+            kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(), bus) as vm:
+        memory.write(code, BSP_CODE)
+        vm.run(BSP_CODE)
+        wait_until(lambda: bool(recorder.writes))
+        vm.shutdown()
+        assert recorder.writes == [(rom_base, b"\x5a")]
+        assert memory.read_u8(GuestAddress(rom_base)) == 0
 
 
 # ---- helpers ------------------------------------------------------------------------------------

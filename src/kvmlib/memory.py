@@ -94,11 +94,15 @@ class GuestRegionMmap:
                   read_only: bool = False, log_dirty_pages: bool = False) -> GuestRegionMmap:
         """Private anonymous memory (huge pages on request; ``size`` then a 2 MiB multiple)."""
         _check_range(int(guest_base), size)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if hugepages:
             if size % HUGE_PAGE_SIZE:
                 raise GuestMemoryError(f"huge-page region size {size:#x} is not 2 MiB aligned")
+            # No MAP_NORESERVE here: huge pages must be reserved when mapping, or a shortage
+            # would surface as SIGBUS on the first touch (by us or by the guest) instead of an error.
             flags |= _MAP_HUGETLB
+        else:
+            flags |= _MAP_NORESERVE
         try:
             mapping = mmap.mmap(-1, size, flags=flags)
         except OSError as e:
@@ -113,7 +117,10 @@ class GuestRegionMmap:
                   log_dirty_pages: bool = False) -> GuestRegionMmap:
         """Memory shared with a file (``fd`` or path) from ``offset``: guest writes reach the file."""
         _check_range(int(guest_base), size)
-        fd = file if isinstance(file, int) else os.open(file, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fd = file if isinstance(file, int) else os.open(file, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise GuestMemoryError(f"cannot open {file!r} for guest memory: {e.strerror}") from None
         try:
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
         except (OSError, ValueError) as e:
