@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kvmlib import (
@@ -87,3 +89,22 @@ def test_closing_twice_is_safe_and_a_closed_fd_refuses_ioctls(kvm: Kvm) -> None:
         vcpu.get_regs()
     with pytest.raises(KvmIoctlError, match="KVM_CREATE_VCPU"):
         vm.create_vcpu(1)
+
+
+def _open_vcpu_fds() -> int:
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:kvm-vcpu")
+               for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+def test_close_releases_exit_views_a_caller_still_holds(kvm: Kvm) -> None:
+    vm, memory = new_vm(kvm)
+    with vm, memory:
+        vcpu = real_mode_vcpu(vm, memory, PORT_AND_MMIO_GUEST)
+        kept = vcpu.run()
+        assert isinstance(kept, IoOut) and bytes(kept.data) == b"O"
+        vcpu.close()
+        # The mapping and the fd are gone although the exit object lives on...
+        assert _open_vcpu_fds() == 0
+        # ...and its view refuses access instead of reading unmapped memory.
+        with pytest.raises(ValueError, match="released"):
+            bytes(kept.data)

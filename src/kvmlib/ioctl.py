@@ -886,14 +886,15 @@ _INTR = Intr()
 # attribute access (which allocates and is several times slower).
 _EXIT_REASON_OFF = kvm_run.exit_reason.offset
 _EXIT_OFF = kvm_run._exit.offset
-_IO_UNPACK = struct.Struct("<BBHIQ").unpack_from
+# exit_reason and, when it is KVM_EXIT_IO, the io header, in one unpack.
+_HEAD_UNPACK = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ").unpack_from
 _MMIO_UNPACK = struct.Struct("<Q8sIB").unpack_from
-_U32_UNPACK = struct.Struct("<I").unpack_from
-_U64_UNPACK = struct.Struct("<Q").unpack_from
 _MMIO_DATA_OFF = _EXIT_OFF + _kvm_run_mmio.data.offset
 _INTERNAL_UNPACK = struct.Struct("<II16Q").unpack_from
 _SYSEV_UNPACK = struct.Struct("<II16Q").unpack_from
 _FAIL_UNPACK = struct.Struct("<QI").unpack_from
+# tuple.__new__ skips the Python-level __new__ NamedTuple generates: the exit loop's largest cost.
+_tuple_new = tuple.__new__
 _IMMEDIATE_EXIT_OFF = kvm_run.immediate_exit.offset
 
 
@@ -906,6 +907,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc_ioctl.restype = ctypes.c_int
+_ioctl = fcntl.ioctl
 
 
 class _FdOwner:
@@ -1198,6 +1200,7 @@ class VcpuFd(_FdOwner):
             self.close()
             raise KvmIoctlError("mmap(kvm_run)", e.errno or 0) from None
         self._run_view = memoryview(self._run_map)
+        self._views: dict[int, memoryview] = {}
         self._run_size = mmap_size
         self._run = kvm_run.from_buffer(self._run_map)
 
@@ -1211,11 +1214,16 @@ class VcpuFd(_FdOwner):
         run_map, self._run_map = self._run_map, None
         if run_map is not None:
             del self._run
-            self._run_view.release()
+            views, self._views = self._views, {}
+            for view in (*views.values(), self._run_view):
+                try:
+                    view.release()
+                except BufferError:
+                    pass  # something acquired a buffer from it; see below
             try:
                 run_map.close()
             except BufferError:
-                # A caller still holds an exit's ``data`` view: the mapping is released with the
+                # A caller still holds a view of its own making: the mapping is released with the
                 # last such view instead, so no view ever points at unmapped memory.
                 pass
         super().close()
@@ -1229,32 +1237,49 @@ class VcpuFd(_FdOwner):
         """KVM_RUN, decoded. EINTR is not an error but :class:`Intr`.
 
         Port and MMIO exits carry ``data`` as a view into ``kvm_run``: write into it the answer to an
-        :class:`IoIn` or :class:`MmioRead` before the next :meth:`run`.
+        :class:`IoIn` or :class:`MmioRead` before the next :meth:`run`. Like the page it shows, a
+        view is only meaningful until the next :meth:`run`, and it is released by :meth:`close`.
         """
-        fd = self._fd
-        if fd < 0 or self._run_map is None:
-            raise KvmIoctlError("KVM_RUN", _errno.EBADF, "VcpuFd is closed")
         try:
-            fcntl.ioctl(fd, KVM_RUN, 0)
+            _ioctl(self._fd, KVM_RUN, 0)
         except OSError as e:
             if e.errno == _errno.EINTR:
                 return _INTR
             raise KvmIoctlError("KVM_RUN", e.errno or 0) from None
-        view = self._run_view
-        reason = _U32_UNPACK(view, _EXIT_REASON_OFF)[0]
+        reason, direction, size, port, count, offset = _HEAD_UNPACK(self._run_view, _EXIT_REASON_OFF)
         if reason == KVM_EXIT_IO:
-            direction, size, port, count, offset = _IO_UNPACK(view, _EXIT_OFF)
-            end = offset + size * count
-            if end > self._run_size:
-                return Unknown(reason)
+            length = size * count
+            data = self._views.get((offset << 32) | length)
+            if data is None:
+                data = self._view(offset, length)
+                if data is None:
+                    return Unknown(reason)
             if direction == KVM_EXIT_IO_OUT:
-                return IoOut(port, size, count, view[offset:end])
-            return IoIn(port, size, count, view[offset:end])
+                return _tuple_new(IoOut, (port, size, count, data))
+            return _tuple_new(IoIn, (port, size, count, data))
         if reason == KVM_EXIT_MMIO:
-            addr, _data, length, is_write = _MMIO_UNPACK(view, _EXIT_OFF)
-            data = view[_MMIO_DATA_OFF:_MMIO_DATA_OFF + min(length, 8)]
-            return MmioWrite(addr, data) if is_write else MmioRead(addr, data)
+            addr, _data, length, is_write = _MMIO_UNPACK(self._run_view, _EXIT_OFF)
+            data = self._views.get((_MMIO_DATA_OFF << 32) | length)
+            if data is None:
+                data = self._view(_MMIO_DATA_OFF, min(length, 8))
+                assert data is not None
+            if is_write:
+                return _tuple_new(MmioWrite, (addr, data))
+            return _tuple_new(MmioRead, (addr, data))
         return self._decode_rare(reason)
+
+    def _view(self, offset: int, length: int) -> memoryview | None:
+        """A cached view of ``kvm_run[offset:offset+length]``; None if it leaves the mapping.
+
+        The offset comes from the kernel, but it is checked anyway: a view past the mapping would
+        silently be shorter than the access.
+        """
+        if offset < 0 or offset + length > self._run_size:
+            return None
+        view = self._run_view[offset:offset + length]
+        # Every distinct (offset, length) the kernel uses is a handful: I/O data sits at one offset.
+        self._views[(offset << 32) | length] = view
+        return view
 
     def _decode_rare(self, reason: int) -> VcpuExit:
         view = self._run_view

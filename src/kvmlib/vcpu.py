@@ -321,33 +321,15 @@ class KvmVcpu:
                 if e.errno == errno.EAGAIN:
                     continue
                 raise
-            # Most frequent first: port and MMIO exits are the hot path. Each exit's view into
-            # kvm_run is released as soon as the bus returns, even by an exception: a view kept
-            # alive (say, by a traceback) would pin the kvm_run mapping and its fd past close().
+            # Most frequent first: port and MMIO exits are the hot path.
             if isinstance(exit_, IoOut):
-                data = exit_.data
-                try:
-                    _dispatch(bus.pio_write, exit_.port, exit_.size, exit_.count, data)
-                finally:
-                    data.release()
+                _dispatch(bus.pio_write, exit_.port, exit_.size, exit_.count, exit_.data)
             elif isinstance(exit_, IoIn):
-                data = exit_.data
-                try:
-                    _dispatch(bus.pio_read, exit_.port, exit_.size, exit_.count, data)
-                finally:
-                    data.release()
+                _dispatch(bus.pio_read, exit_.port, exit_.size, exit_.count, exit_.data)
             elif isinstance(exit_, MmioWrite):
-                data = exit_.data
-                try:
-                    bus.mmio_write(exit_.address, data)
-                finally:
-                    data.release()
+                bus.mmio_write(exit_.address, exit_.data)
             elif isinstance(exit_, MmioRead):
-                data = exit_.data
-                try:
-                    bus.mmio_read(exit_.address, data)
-                finally:
-                    data.release()
+                bus.mmio_read(exit_.address, exit_.data)
             elif isinstance(exit_, Intr):
                 self.vcpu_fd.set_immediate_exit(False)
                 current = state.state
