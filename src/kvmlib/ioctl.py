@@ -910,6 +910,9 @@ _libc_ioctl.restype = ctypes.c_int
 _ioctl = fcntl.ioctl
 
 
+_T = TypeVar("_T", bound=Structure)
+
+
 class _FdOwner:
     """Owns one fd: ``close()`` is idempotent and the object is a context manager."""
 
@@ -964,15 +967,17 @@ class _FdOwner:
             raise KvmIoctlError(name, ctypes.get_errno())
         return ret
 
-    def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> None:
+    def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> int:
         fd = self._check_open(name)
         try:
-            fcntl.ioctl(fd, request, buf, True)
+            return fcntl.ioctl(fd, request, buf, True)
         except OSError as e:
             raise KvmIoctlError(name, e.errno or 0) from None
 
-
-_T = TypeVar("_T", bound=Structure)
+    def _get(self, name: str, request: int, cls: type[_T]) -> _T:
+        obj = cls()
+        self._ioctl_buf(name, request, obj)
+        return obj
 
 
 class Kvm(_FdOwner):
@@ -1181,11 +1186,6 @@ class VmFd(_FdOwner):
         fd = self._ioctl_int("KVM_CREATE_VCPU", KVM_CREATE_VCPU, vcpu_id)
         return VcpuFd(fd, self._vcpu_mmap_size)
 
-    def _get(self, name: str, request: int, cls: type[_T]) -> _T:
-        obj = cls()
-        self._ioctl_buf(name, request, obj)
-        return obj
-
 
 class VcpuFd(_FdOwner):
     """A vCPU's fd, from :meth:`VmFd.create_vcpu`; ``kvm_run`` is mapped once for its lifetime."""
@@ -1300,11 +1300,6 @@ class VcpuFd(_FdOwner):
             return SystemEvent(type_, tuple(data[: min(ndata, 16)]))
         return Unknown(reason)
 
-    def _get(self, name: str, request: int, cls: type[_T]) -> _T:
-        obj = cls()
-        self._ioctl_buf(name, request, obj)
-        return obj
-
     def get_regs(self) -> kvm_regs:
         """KVM_GET_REGS."""
         return self._get("KVM_GET_REGS", KVM_GET_REGS, kvm_regs)
@@ -1333,11 +1328,7 @@ class VcpuFd(_FdOwner):
         """KVM_GET_MSRS for ``indices``; raises if the kernel returns fewer than asked."""
         idx = list(indices)
         obj = make_kvm_msrs((i, 0) for i in idx)
-        fd = self._check_open("KVM_GET_MSRS")
-        try:
-            got = fcntl.ioctl(fd, KVM_GET_MSRS, obj, True)
-        except OSError as e:
-            raise KvmIoctlError("KVM_GET_MSRS", e.errno or 0) from None
+        got = self._ioctl_buf("KVM_GET_MSRS", KVM_GET_MSRS, obj)
         if got != len(idx):
             bad = idx[got] if 0 <= got < len(idx) else None
             raise KvmIoctlError("KVM_GET_MSRS", _errno.EINVAL,
@@ -1349,11 +1340,7 @@ class VcpuFd(_FdOwner):
         """KVM_SET_MSRS; raises if the kernel accepts fewer than given."""
         pairs = list(msrs.items() if isinstance(msrs, dict) else msrs)
         obj = make_kvm_msrs(pairs)
-        fd = self._check_open("KVM_SET_MSRS")
-        try:
-            got = fcntl.ioctl(fd, KVM_SET_MSRS, obj, True)
-        except OSError as e:
-            raise KvmIoctlError("KVM_SET_MSRS", e.errno or 0) from None
+        got = self._ioctl_buf("KVM_SET_MSRS", KVM_SET_MSRS, obj)
         if got != len(pairs):
             bad = f"{pairs[got][0]:#x}" if 0 <= got < len(pairs) else "?"
             raise KvmIoctlError("KVM_SET_MSRS", _errno.EINVAL,
