@@ -970,9 +970,10 @@ class _FdOwner:
     def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> int:
         fd = self._check_open(name)
         try:
-            return fcntl.ioctl(fd, request, buf, True)
+            ret: int = fcntl.ioctl(fd, request, buf, True)
         except OSError as e:
             raise KvmIoctlError(name, e.errno or 0) from None
+        return ret
 
     def _get(self, name: str, request: int, cls: type[_T]) -> _T:
         obj = cls()
