@@ -5,7 +5,15 @@ The layers, lowest first: :mod:`kvmlib.ioctl` (the kernel ABI and one wrapper pe
 :mod:`kvmlib.exit_handler` (the VM lifecycle). Everything a user needs is re-exported here.
 """
 
-from kvmlib.bus import BusError, IoManager, MmioDevice, MmioRange, PioDevice, PioRange
+from kvmlib.bus import (
+    BusError,
+    IoManager,
+    MmioDevice,
+    MmioRange,
+    PioDevice,
+    PioRange,
+    StatefulDevice,
+)
 from kvmlib.errors import (
     GuestMemoryError,
     KvmError,
@@ -68,6 +76,7 @@ __all__ = [
     "PioDevice",
     "PioRange",
     "Shutdown",
+    "StatefulDevice",
     "SystemEvent",
     "Unknown",
     "Vcpu",

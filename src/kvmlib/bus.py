@@ -93,6 +93,21 @@ class MmioDevice(Protocol):
         """Take the guest's store of ``data``."""
 
 
+@runtime_checkable
+class StatefulDevice(Protocol):
+    """A device whose state a snapshot carries (see :mod:`kvmlib.snapshot`).
+
+    The encoding of the bytes is the device's own; :meth:`restore_state` must refuse (raise) bytes
+    it cannot read rather than apply part of them.
+    """
+
+    def save_state(self) -> bytes:
+        """The device's state, taken while the VM is paused."""
+
+    def restore_state(self, state: bytes) -> None:
+        """Put back what :meth:`save_state` returned."""
+
+
 _Entry = tuple[int, int, object]  # (base, end, device)
 
 
@@ -219,4 +234,6 @@ class IoManager:
         return True
 
 
-__all__ = ["BusError", "IoManager", "MmioDevice", "MmioRange", "PioDevice", "PioRange"]
+__all__ = [
+    "BusError", "IoManager", "MmioDevice", "MmioRange", "PioDevice", "PioRange", "StatefulDevice",
+]
