@@ -14,11 +14,13 @@ from kvmlib.bus import (
     PioRange,
     StatefulDevice,
 )
+from kvmlib.dirty import DirtyBitmap
 from kvmlib.errors import (
     GuestMemoryError,
     KvmError,
     KvmIoctlError,
     KvmUnavailableError,
+    SnapshotError,
     VcpuError,
     VmError,
 )
@@ -42,14 +44,18 @@ from kvmlib.ioctl import (
     VmFd,
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
+from kvmlib.memory_image import MemoryImage
+from kvmlib.state import DeviceState, VcpuState, VmState
 from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList, VcpuRunState, VmRunState
-from kvmlib.vm import KvmVm, Vm, VmConfig
+from kvmlib.vm import KvmVm, Snapshot, Vm, VmConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BusError",
     "Cap",
+    "DeviceState",
+    "DirtyBitmap",
     "EventExitHandler",
     "ExitHandler",
     "FailEntry",
@@ -69,6 +75,7 @@ __all__ = [
     "KvmUnavailableError",
     "KvmVcpu",
     "KvmVm",
+    "MemoryImage",
     "MmioDevice",
     "MmioRange",
     "MmioRead",
@@ -76,6 +83,8 @@ __all__ = [
     "PioDevice",
     "PioRange",
     "Shutdown",
+    "Snapshot",
+    "SnapshotError",
     "StatefulDevice",
     "SystemEvent",
     "Unknown",
@@ -86,10 +95,12 @@ __all__ = [
     "VcpuExit",
     "VcpuFd",
     "VcpuRunState",
+    "VcpuState",
     "Vm",
     "VmConfig",
     "VmError",
     "VmFd",
     "VmRunState",
+    "VmState",
     "__version__",
 ]

@@ -195,6 +195,17 @@ class IoManager:
         """Every registered MMIO range and its device."""
         return tuple(self._mmio.ranges.values())
 
+    def stateful_devices(self) -> dict[tuple[str, int], StatefulDevice]:
+        """Every device with state, once each, keyed by ``("pio" | "mmio", base of its first range)``."""
+        found: dict[tuple[str, int], StatefulDevice] = {}
+        seen: set[int] = set()
+        for space, ranges in (("pio", self.pio_ranges()), ("mmio", self.mmio_ranges())):
+            for rng, device in sorted(ranges, key=lambda item: item[0].base):
+                if isinstance(device, StatefulDevice) and id(device) not in seen:
+                    seen.add(id(device))
+                    found[space, rng.base] = device
+        return found
+
     def pio_read(self, port: int, data: memoryview) -> bool:
         """Dispatch a guest ``in``; True if a device answered, else ``data`` is all ones."""
         entry = self._pio.find(port, len(data))

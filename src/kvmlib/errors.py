@@ -42,3 +42,7 @@ class VmError(KvmError):
 
 class VcpuError(VmError):
     """A vCPU ended with an error (internal error, failed entry, unknown exit, device exception)."""
+
+
+class SnapshotError(KvmError):
+    """A VM state or snapshot cannot be taken, does not fit the VM, or is malformed or corrupted."""

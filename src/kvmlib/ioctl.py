@@ -194,6 +194,11 @@ class kvm_pit_config(Structure):
 
 KVM_PIT_SPEAKER_DUMMY = 1
 
+# kvm_clock_data.flags
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
 
 class kvm_regs(Structure):
     """``struct kvm_regs``: the general-purpose registers, RIP and RFLAGS."""
@@ -698,6 +703,7 @@ KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
 KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
 KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
 KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
 KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
@@ -901,7 +907,7 @@ _IMMEDIATE_EXIT_OFF = kvm_run.immediate_exit.offset
 # --------------------------------------------------------------------------------------------------
 # fd wrappers
 # --------------------------------------------------------------------------------------------------
-_Buf = TUnion[Structure, Union, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]"]
+_Buf = TUnion[Structure, Union, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]", bytearray]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
@@ -1369,9 +1375,21 @@ class VcpuFd(_FdOwner):
         """KVM_GET_XSAVE."""
         return self._get("KVM_GET_XSAVE", KVM_GET_XSAVE, kvm_xsave)
 
-    def set_xsave(self, xsave: kvm_xsave) -> None:
-        """KVM_SET_XSAVE."""
+    def set_xsave(self, xsave: kvm_xsave | bytearray) -> None:
+        """KVM_SET_XSAVE; a ``bytearray`` when the area is larger than 4 KiB (see :meth:`get_xsave2`)."""
         self._ioctl_buf("KVM_SET_XSAVE", KVM_SET_XSAVE, xsave)
+
+    def get_xsave2(self, size: int) -> bytearray:
+        """KVM_GET_XSAVE2: the whole XSAVE area, ``size`` bytes (``KVM_CAP_XSAVE2`` on the VM fd).
+
+        The kernel writes as much as the guest's enabled features need, which may exceed the
+        4 KiB of ``struct kvm_xsave``; the buffer must be at least that large.
+        """
+        if size < ctypes.sizeof(kvm_xsave):
+            raise ValueError(f"an XSAVE area is at least {ctypes.sizeof(kvm_xsave)} bytes, not {size}")
+        area = bytearray(size)
+        self._ioctl_buf("KVM_GET_XSAVE2", KVM_GET_XSAVE2, area)
+        return area
 
     def get_xcrs(self) -> kvm_xcrs:
         """KVM_GET_XCRS."""

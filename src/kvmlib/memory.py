@@ -84,6 +84,9 @@ class GuestRegionMmap:
         self.size = size
         self.read_only = read_only
         self.log_dirty_pages = log_dirty_pages
+        # KVM's dirty log sees only guest writes; writes made through GuestMemoryMmap are
+        # recorded here so that dirty tracking (diff snapshots, fast reset) sees them too.
+        self._host_dirty = 0
         # The address is read once from a temporary export, which is then dropped so close() works.
         holder = ctypes.c_char.from_buffer(mapping)
         self.host_address: int = ctypes.addressof(holder)
@@ -113,16 +116,26 @@ class GuestRegionMmap:
 
     @classmethod
     def from_file(cls, guest_base: GuestAddress | int, size: int, file: int | str | os.PathLike[str],
-                  offset: int = 0, *, read_only: bool = False,
-                  log_dirty_pages: bool = False) -> GuestRegionMmap:
-        """Memory shared with a file (``fd`` or path) from ``offset``: guest writes reach the file."""
+                  offset: int = 0, *, read_only: bool = False, log_dirty_pages: bool = False,
+                  private: bool = False) -> GuestRegionMmap:
+        """Memory mapped from a file (``fd`` or path) at ``offset``.
+
+        Shared by default: guest writes reach the file. With ``private=True`` the mapping is
+        copy-on-write: pages are read from the file when first touched and writes stay in this
+        process (the file may then be read-only).
+        """
         _check_range(int(guest_base), size)
+        mode = os.O_RDONLY if private else os.O_RDWR
         try:
-            fd = file if isinstance(file, int) else os.open(file, os.O_RDWR | os.O_CLOEXEC)
+            fd = file if isinstance(file, int) else os.open(file, mode | os.O_CLOEXEC)
         except OSError as e:
             raise GuestMemoryError(f"cannot open {file!r} for guest memory: {e.strerror}") from None
         try:
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
+            if os.fstat(fd).st_size < offset + size:
+                raise GuestMemoryError(f"{file!r} is shorter than the {size:#x} bytes at {offset:#x} "
+                                       "to map (a mapping past the end would fault on access)")
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE if private else mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except (OSError, ValueError) as e:
             raise GuestMemoryError(f"cannot map {size:#x} bytes of {file!r} at {offset:#x}: {e}") \
                 from None
@@ -136,6 +149,26 @@ class GuestRegionMmap:
     def len(self) -> int:
         """The region's size in bytes."""
         return self.size
+
+    @property
+    def num_pages(self) -> int:
+        """The region's size in pages."""
+        return self.size // PAGE_SIZE
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record a host write to ``[offset, offset + length)`` (for regions that log dirty pages).
+
+        :meth:`GuestMemoryMmap.write` calls this; code writing through :attr:`host_address` or
+        :meth:`as_memoryview` directly must call it too, or fast reset will not undo its writes.
+        """
+        if self.log_dirty_pages and length > 0:
+            first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+            self._host_dirty |= ((1 << (last - first + 1)) - 1) << first
+
+    def take_host_dirty(self) -> int:
+        """The pages written by the host since the last call, as an int bitmask (bit n = page n)."""
+        bits, self._host_dirty = self._host_dirty, 0
+        return bits
 
     @property
     def flags(self) -> int:
@@ -205,7 +238,7 @@ class GuestMemoryMmap:
 
     @classmethod
     def from_ranges(cls, ranges: Iterable[tuple[GuestAddress | int, int]], *,
-                    hugepages: bool = False) -> GuestMemoryMmap:
+                    hugepages: bool = False, log_dirty_pages: bool = False) -> GuestMemoryMmap:
         """Anonymous regions for ``(base, size)`` pairs; page aligned, non-empty, disjoint."""
         pairs = [(int(b), s) for b, s in ranges]
         for base, size in pairs:
@@ -219,7 +252,8 @@ class GuestMemoryMmap:
                     raise GuestMemoryError(f"ranges [{b0:#x}, {b0 + s0:#x}) and "
                                            f"[{b1:#x}, {b1 + s1:#x}) overlap")
             for base, size in pairs:
-                made.append(GuestRegionMmap.anonymous(base, size, hugepages=hugepages))
+                made.append(GuestRegionMmap.anonymous(base, size, hugepages=hugepages,
+                                                      log_dirty_pages=log_dirty_pages))
             return cls(made)
         except BaseException:
             for r in made:
@@ -268,8 +302,8 @@ class GuestMemoryMmap:
             raise GuestMemoryError(f"guest address {int(addr):#x} is not backed by memory")
         return region
 
-    def _spans(self, addr: int, size: int) -> list[tuple[memoryview, int, int]]:
-        """(region view, offset, length) pieces covering [addr, addr+size), or raise first."""
+    def _spans(self, addr: int, size: int) -> list[tuple[GuestRegionMmap, int, int]]:
+        """(region, offset, length) pieces covering [addr, addr+size), or raise first."""
         if self._closed:
             raise GuestMemoryError("guest memory is closed")
         if size < 0:
@@ -285,7 +319,7 @@ class GuestMemoryMmap:
                     f"access [{addr:#x}, {addr + size:#x}) reaches unbacked address {cur:#x}")
             off = cur - region.start_addr
             n = min(left, region.size - off)
-            pieces.append((region.as_memoryview(), off, n))
+            pieces.append((region, off, n))
             cur += n
             left -= n
         return pieces
@@ -294,24 +328,25 @@ class GuestMemoryMmap:
         """``size`` bytes from guest address ``addr``."""
         pieces = self._spans(int(addr), size)
         if len(pieces) == 1:
-            view, off, n = pieces[0]
-            return bytes(view[off:off + n])
-        return b"".join(bytes(v[o:o + n]) for v, o, n in pieces)
+            region, off, n = pieces[0]
+            return bytes(region.as_memoryview()[off:off + n])
+        return b"".join(bytes(r.as_memoryview()[o:o + n]) for r, o, n in pieces)
 
     def read_into(self, addr: int, buf: Any) -> None:
         """Fill the writable buffer ``buf`` from guest address ``addr``."""
         out = memoryview(buf).cast("B")
         pos = 0
-        for view, off, n in self._spans(int(addr), len(out)):
-            out[pos:pos + n] = view[off:off + n]
+        for region, off, n in self._spans(int(addr), len(out)):
+            out[pos:pos + n] = region.as_memoryview()[off:off + n]
             pos += n
 
     def write(self, data: Any, addr: int) -> None:
         """Write the bytes-like ``data`` at guest address ``addr`` (all or nothing)."""
         src = memoryview(data).cast("B")
         pos = 0
-        for view, off, n in self._spans(int(addr), len(src)):
-            view[off:off + n] = src[pos:pos + n]
+        for region, off, n in self._spans(int(addr), len(src)):
+            region.as_memoryview()[off:off + n] = src[pos:pos + n]
+            region.mark_dirty(off, n)
             pos += n
 
     def read_obj(self, addr: int, ctype: type[_C]) -> _C:

@@ -8,6 +8,7 @@ exist, then calls KVM_RUN in a loop, handing port and MMIO exits to the bus. A V
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import logging
@@ -30,6 +31,7 @@ from kvmlib.arch.x86_64.regs import setup_boot_regs, setup_fpu, setup_lapic, set
 from kvmlib.bus import IoManager
 from kvmlib.errors import KvmIoctlError, VcpuError, VmError
 from kvmlib.ioctl import (
+    Cap,
     Hlt,
     Intr,
     IoIn,
@@ -41,10 +43,19 @@ from kvmlib.ioctl import (
     SystemEvent,
     VcpuExit,
     VmFd,
+    kvm_cpuid_entry2,
+    kvm_debugregs,
+    kvm_lapic_state,
+    kvm_mp_state,
     kvm_regs,
     kvm_sregs,
+    kvm_vcpu_events,
+    kvm_xcrs,
+    kvm_xsave,
+    make_kvm_cpuid2,
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap
+from kvmlib.state import VcpuState
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +242,13 @@ class KvmVcpu:
         run_barrier: passed by every vCPU before its first KVM_RUN.
         run_state: the VM-wide run state.
         memory: guest memory, for the GDT and page tables written at creation.
+        state: a saved state to put the vCPU in instead of the boot state (nothing is then
+            written to guest memory).
     """
 
     def __init__(self, vm_fd: VmFd, bus: IoManager, config: VcpuConfig, num_vcpus: int,
                  run_barrier: threading.Barrier, run_state: VcpuRunState,
-                 memory: GuestMemoryMmap) -> None:
+                 memory: GuestMemoryMmap, state: VcpuState | None = None) -> None:
         self.config = config
         self.bus = bus
         self.run_barrier = run_barrier
@@ -245,8 +258,13 @@ class KvmVcpu:
         self._kick_lock = threading.Lock()
         self._thread_ident: int | None = None
         self.vcpu_fd = vm_fd.create_vcpu(config.id)
+        # Guests with AMX or other large XSAVE features need more than struct kvm_xsave's 4 KiB.
+        self._xsave_size = max(vm_fd.check_extension(Cap.KVM_CAP_XSAVE2), ctypes.sizeof(kvm_xsave))
         try:
-            self._configure(num_vcpus, memory)
+            if state is None:
+                self._configure(num_vcpus, memory)
+            else:
+                self.restore_state(state)
         except BaseException:
             self.vcpu_fd.close()
             raise
@@ -276,6 +294,60 @@ class KvmVcpu:
     def get_sregs(self) -> kvm_sregs:
         """KVM_GET_SREGS; only meaningful while the vCPU is parked or not started."""
         return self.vcpu_fd.get_sregs()
+
+    def save_state(self) -> VcpuState:
+        """Everything KVM holds for this vCPU; call only while it is not in KVM_RUN (parked).
+
+        Raises:
+            KvmIoctlError: a GET ioctl failed, or fewer MSRs than the saveable list were read.
+        """
+        fd = self.vcpu_fd
+        cpuid = fd.get_cpuid2()
+        entries = b"".join(bytes(cpuid.entries[i]) for i in range(cpuid.nent))
+        if self._xsave_size > ctypes.sizeof(kvm_xsave):
+            xsave = bytes(fd.get_xsave2(self._xsave_size))
+        else:
+            xsave = bytes(fd.get_xsave())
+        return VcpuState(
+            id=self.id, cpuid=entries, mp_state=fd.get_mp_state().mp_state,
+            regs=bytes(fd.get_regs()), sregs=bytes(fd.get_sregs()), xsave=xsave,
+            xcrs=bytes(fd.get_xcrs()), debugregs=bytes(fd.get_debugregs()),
+            lapic=bytes(fd.get_lapic()), msrs=tuple(fd.get_msrs(self.config.msrs).items()),
+            vcpu_events=bytes(fd.get_vcpu_events()))
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Put the vCPU back in ``state``; call only while it is not in KVM_RUN.
+
+        Raises:
+            VmError: the state belongs to another vCPU id.
+            KvmIoctlError: KVM refused part of the state.
+        """
+        if state.id != self.id:
+            raise VmError(f"the state of vCPU {state.id} cannot be given to vCPU {self.id}")
+        fd = self.vcpu_fd
+        entry = ctypes.sizeof(kvm_cpuid_entry2)
+        # The order is KVM's, not ours to choose:
+        # - CPUID first: KVM derives from it which MSRs, XSAVE features and XCR0 bits are valid.
+        fd.set_cpuid2(make_kvm_cpuid2(
+            kvm_cpuid_entry2.from_buffer_copy(state.cpuid, off)
+            for off in range(0, len(state.cpuid), entry)))
+        # - MP state before registers: accepting an INIT/SIPI state may reset parts of them.
+        fd.set_mp_state(kvm_mp_state(state.mp_state))
+        fd.set_regs(kvm_regs.from_buffer_copy(state.regs))
+        # - sregs (CR4.OSXSAVE) before XSAVE and XCRs, which KVM checks against it.
+        fd.set_sregs(kvm_sregs.from_buffer_copy(state.sregs))
+        if len(state.xsave) > ctypes.sizeof(kvm_xsave):
+            fd.set_xsave(bytearray(state.xsave))
+        else:
+            fd.set_xsave(kvm_xsave.from_buffer_copy(state.xsave))
+        fd.set_xcrs(kvm_xcrs.from_buffer_copy(state.xcrs))
+        fd.set_debugregs(kvm_debugregs.from_buffer_copy(state.debugregs))
+        # - LAPIC before MSRs: the TSC-deadline MSR is dropped unless the LAPIC timer is already in
+        #   TSC-deadline mode.
+        fd.set_lapic(kvm_lapic_state.from_buffer_copy(state.lapic))
+        fd.set_msrs(state.msrs)
+        # - Events last: setting registers clears pending exceptions, which the events carry.
+        fd.set_vcpu_events(kvm_vcpu_events.from_buffer_copy(state.vcpu_events))
 
     def kick(self) -> None:
         """Set ``immediate_exit`` and signal the vCPU's thread, if it is in its loop.

@@ -9,6 +9,7 @@ and joins every thread. :meth:`KvmVm.pause` / :meth:`KvmVm.resume` finish what t
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import threading
@@ -19,15 +20,34 @@ from typing import Protocol, runtime_checkable
 import attrs
 from typing_extensions import Self
 
+from kvmlib.arch.x86_64.cpuid import CpuidEntry
 from kvmlib.arch.x86_64.mptable import MpTable
 from kvmlib.bus import IoManager
-from kvmlib.errors import VcpuError, VmError
+from kvmlib.dirty import DirtyBitmap, DirtyTracker
+from kvmlib.errors import SnapshotError, VcpuError, VmError
 from kvmlib.exit_handler import ExitHandler
-from kvmlib.ioctl import Cap, Kvm, VmFd, kvm_regs, kvm_sregs
-from kvmlib.memory import GuestAddress, GuestMemoryMmap
+from kvmlib.ioctl import (
+    KVM_CLOCK_REALTIME,
+    KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    Cap,
+    Kvm,
+    VmFd,
+    kvm_clock_data,
+    kvm_cpuid_entry2,
+    kvm_irqchip,
+    kvm_pit_state2,
+    kvm_regs,
+    kvm_sregs,
+)
+from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
+from kvmlib.memory_image import MemoryImage, layout_of
+from kvmlib.state import DeviceState, VmState
 from kvmlib.vcpu import (
     MAX_VCPUS,
     KvmVcpu,
+    VcpuConfig,
     VcpuConfigList,
     VcpuRunState,
     VmRunState,
@@ -64,6 +84,40 @@ class VmConfig:
     def from_kvm(cls, kvm: Kvm, num_vcpus: int) -> VmConfig:
         """A configuration of ``num_vcpus`` vCPUs from what the host supports."""
         return cls(num_vcpus, VcpuConfigList.from_kvm(kvm, num_vcpus))
+
+    @classmethod
+    def from_state(cls, state: VmState) -> VmConfig:
+        """The configuration a saved VM had: its vCPUs' CPUID and saved MSR lists."""
+        entry = ctypes.sizeof(kvm_cpuid_entry2)
+        configs = []
+        for v in state.vcpus:
+            cpuid = tuple(CpuidEntry.from_kvm(kvm_cpuid_entry2.from_buffer_copy(v.cpuid, off))
+                          for off in range(0, len(v.cpuid), entry))
+            configs.append(VcpuConfig(v.id, cpuid, tuple(index for index, _ in v.msrs)))
+        return cls(state.num_vcpus, VcpuConfigList(configs))
+
+
+@attrs.define(frozen=True, slots=True, eq=False)
+class Snapshot:
+    """A VM's state and a copy of its memory, held in this process.
+
+    What :meth:`KvmVm.reset_to` goes back to. Take one with :meth:`KvmVm.snapshot`; :meth:`close`
+    frees the memory copy.
+    """
+
+    state: VmState
+    memory: MemoryImage
+
+    def close(self) -> None:
+        """Free the memory copy; idempotent."""
+        self.memory.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 @runtime_checkable
@@ -104,10 +158,16 @@ class _Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class KvmVm:
-    """A KVM virtual machine; create it with :meth:`new`. Use it as a context manager.
+#: Dirty-tracking readers of a VM (see :class:`kvmlib.dirty.DirtyTracker`).
+USER_DIRTY_CURSOR = "user"
+RESET_DIRTY_CURSOR = "reset"
 
-    Guest memory stays the caller's: the VM registers it with KVM but does not close it.
+
+class KvmVm:
+    """A KVM virtual machine; create it with :meth:`new` or :meth:`from_state`.
+
+    Use it as a context manager. Guest memory stays the caller's: the VM registers it with KVM
+    but does not close it.
     """
 
     def __init__(self, fd: VmFd, config: VmConfig, exit_handler: ExitHandler,
@@ -125,6 +185,11 @@ class KvmVm:
         self._lock = threading.Lock()
         self._errors: list[tuple[int, BaseException]] = []
         self._errors_raised = False
+        #: Where the vCPUs send port and MMIO exits (set by :meth:`create_vcpus`).
+        self.bus: IoManager | None = None
+        self.dirty_tracker = DirtyTracker(guest_memory.regions, self._fetch_dirty_log)
+        # The snapshot guest memory equalled when the reset cursor was last restarted.
+        self._synced: Snapshot | None = None
 
     # ---- creation -------------------------------------------------------------------------------
 
@@ -166,6 +231,22 @@ class KvmVm:
         for slot, region in enumerate(regions):
             self.fd.set_user_memory_region(slot, int(region.start_addr), region.size,
                                            region.host_address, region.flags)
+        self.dirty_tracker.start(USER_DIRTY_CURSOR)
+
+    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytes:
+        return bytes(self.fd.get_dirty_log(slot, region.size))
+
+    def dirty_pages(self) -> list[DirtyBitmap]:
+        """The pages written since the previous call (or since the VM was created).
+
+        One bitmap per region created with ``log_dirty_pages``, holding guest writes
+        (``KVM_GET_DIRTY_LOG``) and host writes through :class:`~kvmlib.GuestMemoryMmap`.
+        Snapshots and fast reset track dirty pages separately, so calling this does not disturb
+        them.
+        """
+        if self._phase is _Phase.CLOSED:
+            raise VmError("the VM is closed")
+        return self.dirty_tracker.take(USER_DIRTY_CURSOR)
 
     def setup_irq_controller(self) -> None:
         """The TSS and identity-map pages, then the in-kernel irqchip and PIT.
@@ -179,12 +260,127 @@ class KvmVm:
         self.fd.create_pit2()
 
     def create_vcpus(self, bus: IoManager, vcpus_config: VcpuConfigList,
-                     memory: GuestMemoryMmap) -> None:
-        """Create and configure every vCPU."""
+                     memory: GuestMemoryMmap, state: VmState | None = None) -> None:
+        """Create every vCPU, in its boot state or in its state from ``state``."""
         self._require(_Phase.CREATED, "create vCPUs")
+        self.bus = bus
         for config in vcpus_config:
+            saved = state.vcpus[config.id] if state is not None else None
             self._vcpus.append(KvmVcpu(self.fd, bus, config, self.config.num_vcpus,
-                                       self.vcpu_barrier, self.vcpu_run_state, memory))
+                                       self.vcpu_barrier, self.vcpu_run_state, memory, saved))
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_state(cls, kvm: Kvm, state: VmState, guest_memory: GuestMemoryMmap,
+                   exit_handler: ExitHandler, bus: IoManager) -> KvmVm:
+        """A VM that continues exactly where the saved one stopped once :meth:`run` is called.
+
+        ``guest_memory`` must already hold the saved VM's memory (see :mod:`kvmlib.snapshot`), and
+        ``bus`` the same stateful devices at the same places; their state is restored too.
+
+        Raises:
+            SnapshotError: the state does not fit (memory layout, devices); checked before any
+                KVM object is created.
+        """
+        _check_fits(state, guest_memory, bus)
+        config = VmConfig.from_state(state)
+        vm = cls.create_vm(kvm, config, exit_handler, guest_memory)
+        try:
+            vm.setup_irq_controller()
+            vm._restore_vm_state(state)
+            vm.create_vcpus(bus, config.vcpus_config, guest_memory, state)
+            _restore_devices(state, bus)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def _require_quiescent(self, action: str) -> None:
+        if self._phase is _Phase.CREATED or self.paused:
+            return
+        if self._phase is _Phase.STARTED:
+            raise VmError(f"cannot {action}: the VM is running; pause() it first")
+        raise VmError(f"cannot {action}: the VM is {self._phase.value}")
+
+    def save_state(self) -> VmState:
+        """The whole VM state, while paused (or before :meth:`run`).
+
+        Raises:
+            VmError: the VM is running, stopped or closed.
+            KvmIoctlError: KVM refused a GET ioctl (including a short MSR read).
+        """
+        self._require_quiescent("save the state")
+        if self.bus is None or len(self._vcpus) != self.config.num_vcpus:
+            raise VmError("cannot save the state of a VM whose vCPUs were not all created")
+        clock = self.fd.get_clock()
+        # KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME; the other flags describe the host.
+        clock.flags &= KVM_CLOCK_REALTIME
+        return VmState(
+            memory=layout_of(self.guest_memory),
+            vcpus=[vcpu.save_state() for vcpu in self._vcpus],
+            pit2=bytes(self.fd.get_pit2()), clock=bytes(clock),
+            pic_master=bytes(self.fd.get_irqchip(KVM_IRQCHIP_PIC_MASTER)),
+            pic_slave=bytes(self.fd.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)),
+            ioapic=bytes(self.fd.get_irqchip(KVM_IRQCHIP_IOAPIC)),
+            devices=[DeviceState(space, base, type(device).__qualname__, device.save_state())
+                     for (space, base), device in self.bus.stateful_devices().items()])
+
+    def _restore_vm_state(self, state: VmState) -> None:
+        self.fd.set_pit2(kvm_pit_state2.from_buffer_copy(state.pit2))
+        self.fd.set_clock(kvm_clock_data.from_buffer_copy(state.clock))
+        for blob in (state.pic_master, state.pic_slave, state.ioapic):
+            self.fd.set_irqchip(kvm_irqchip.from_buffer_copy(blob))
+
+    def snapshot(self) -> Snapshot:
+        """The VM state and a copy of guest memory, while paused: a point to :meth:`reset_to`.
+
+        From here on the VM tracks the pages written in regions created with ``log_dirty_pages``,
+        so that resetting to this snapshot copies back only those.
+        """
+        state = self.save_state()
+        self.dirty_tracker.start(RESET_DIRTY_CURSOR)
+        image = MemoryImage.capture(self.guest_memory)
+        snap = Snapshot(state, image)
+        self._synced = snap
+        return snap
+
+    def reset_to(self, snapshot: Snapshot) -> int:
+        """Put memory, vCPUs, in-kernel devices and bus devices back to ``snapshot``, while paused.
+
+        When guest memory last equalled this snapshot (it was taken or last reset to here),
+        only pages dirtied since are copied back in regions that log dirty pages; other regions,
+        and every region after a reset to another snapshot, are copied whole. :meth:`resume`
+        then runs the guest from the snapshot at once.
+
+        Returns:
+            How many pages were copied.
+
+        Raises:
+            VmError: the VM is running, stopped or closed.
+            SnapshotError: the snapshot belongs to a VM of another shape.
+        """
+        self._require_quiescent("reset")
+        _check_fits(snapshot.state, self.guest_memory, self.bus)
+        if snapshot.state.num_vcpus != len(self._vcpus):
+            raise SnapshotError(f"the snapshot has {snapshot.state.num_vcpus} vCPUs, the VM "
+                                f"{len(self._vcpus)}")
+        incremental = self._synced is snapshot and self.dirty_tracker.tracking(RESET_DIRTY_CURSOR)
+        dirty = {d.slot: d for d in self.dirty_tracker.take(RESET_DIRTY_CURSOR)} \
+            if incremental else {}
+        copied = 0
+        for slot in range(len(self.guest_memory.regions)):
+            runs = dirty[slot].runs() if slot in dirty else None
+            copied += snapshot.memory.copy_to(self.guest_memory, slot, runs)
+        if not incremental:
+            self.dirty_tracker.start(RESET_DIRTY_CURSOR)
+            self._synced = snapshot
+        self._restore_vm_state(snapshot.state)
+        for vcpu, saved in zip(self._vcpus, snapshot.state.vcpus, strict=True):
+            vcpu.restore_state(saved)
+        if self.bus is not None:
+            _restore_devices(snapshot.state, self.bus)
+        return copied
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -366,4 +562,37 @@ class KvmVm:
         self.close()
 
 
-__all__ = ["KVM_IDENTITY_MAP_ADDRESS", "KVM_TSS_ADDRESS", "KvmVm", "Vm", "VmConfig"]
+def _check_fits(state: VmState, memory: GuestMemoryMmap, bus: IoManager | None) -> None:
+    """Raise SnapshotError unless ``state`` fits this memory layout and these bus devices."""
+    layout = layout_of(memory)
+    if layout != state.memory:
+        raise SnapshotError(f"the state's memory layout [{_fmt_layout(state.memory)}] differs from "
+                            f"guest memory's [{_fmt_layout(layout)}]")
+    if not 1 <= state.num_vcpus <= MAX_VCPUS:
+        raise SnapshotError(f"the state has {state.num_vcpus} vCPUs; a VM has 1..{MAX_VCPUS}")
+    devices = bus.stateful_devices() if bus is not None else {}
+    saved = {d.key: d.kind for d in state.devices}
+    present = {key: type(device).__qualname__ for key, device in devices.items()}
+    if saved != present:
+        raise SnapshotError(f"the state has devices [{_fmt_devices(saved)}] but the bus has "
+                            f"[{_fmt_devices(present)}]")
+
+
+def _fmt_layout(regions: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"{start:#x}+{size:#x}" for start, size in regions)
+
+
+def _fmt_devices(devices: dict[tuple[str, int], str]) -> str:
+    return ", ".join(f"{kind} at {space} {base:#x}"
+                     for (space, base), kind in sorted(devices.items())) or "none"
+
+
+def _restore_devices(state: VmState, bus: IoManager) -> None:
+    devices = bus.stateful_devices()
+    for saved in state.devices:
+        devices[saved.key].restore_state(saved.data)
+
+
+__all__ = [
+    "KVM_IDENTITY_MAP_ADDRESS", "KVM_TSS_ADDRESS", "KvmVm", "Snapshot", "Vm", "VmConfig",
+]

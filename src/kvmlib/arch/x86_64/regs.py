@@ -45,6 +45,10 @@ APIC_MODE_EXTINT = 0x7
 
 PAGE_PRESENT_RW = 0x3
 PAGE_PS = 0x80
+# Accessed and dirty set up front: the page walker would otherwise write them into the tables on
+# first use, and those writes would show up in dirty-page tracking as if the guest had made them.
+PAGE_ACCESSED = 0x20
+PAGE_DIRTY = 0x40
 
 
 def gdt_entry(flags: int, base: int, limit: int) -> int:
@@ -91,9 +95,10 @@ def write_boot_tables(memory: GuestMemoryMmap) -> None:
     """Write the GDT, the empty IDT and the page tables identity-mapping the first GiB."""
     memory.write(struct.pack(f"<{len(BOOT_GDT)}Q", *BOOT_GDT), GuestAddress(BOOT_GDT_OFFSET))
     memory.write(bytes(8), GuestAddress(BOOT_IDT_OFFSET))
-    memory.write(struct.pack("<Q", PDPTE_START | PAGE_PRESENT_RW), GuestAddress(PML4_START))
-    memory.write(struct.pack("<Q", PDE_START | PAGE_PRESENT_RW), GuestAddress(PDPTE_START))
-    pdes = [(i << 21) | PAGE_PS | PAGE_PRESENT_RW for i in range(512)]
+    table = PAGE_PRESENT_RW | PAGE_ACCESSED
+    memory.write(struct.pack("<Q", PDPTE_START | table), GuestAddress(PML4_START))
+    memory.write(struct.pack("<Q", PDE_START | table), GuestAddress(PDPTE_START))
+    pdes = [(i << 21) | PAGE_PS | PAGE_PRESENT_RW | PAGE_ACCESSED | PAGE_DIRTY for i in range(512)]
     memory.write(struct.pack("<512Q", *pdes), GuestAddress(PDE_START))
 
 
