@@ -18,3 +18,15 @@ def test_the_exit_handler_harness_runs_to_completion(kvm: Kvm) -> None:
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(r"\d+ heartbeats; paused at count \d+, rip 0x100[01][0-9a-f]; "
                         r"exit handler kicked: True\n", done.stdout), done.stdout
+
+
+def test_the_snapshot_fuzzer_example_resets_and_restores(kvm: Kvm, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(EXAMPLES / "snapshot_fuzz.py"), str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "input   3: reset copied back 4 pages\n"
+        "input   0: reset copied back 1 pages\n"
+        "input 200: reset copied back 201 pages\n"
+        "input  17: reset copied back 18 pages\n"
+        "restored VM finished input 5: True, last page written 0xffffffffdeadbeef\n")

@@ -26,6 +26,7 @@ from kvmlib.arch.x86_64.cpuid import (
     filter_cpuid,
     to_kvm_cpuid2,
 )
+from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
 from kvmlib.arch.x86_64.msrs import boot_msr_entries
 from kvmlib.arch.x86_64.regs import setup_boot_regs, setup_fpu, setup_lapic, setup_sregs
 from kvmlib.bus import IoManager
@@ -192,11 +193,21 @@ class VcpuConfigList:
             raise VmError(f"vCPU ids must be 0..{len(ids) - 1} in order, not {ids}")
 
     @classmethod
-    def from_kvm(cls, kvm: Kvm, num_vcpus: int) -> VcpuConfigList:
-        """One configuration per vCPU from the host's supported CPUID and saveable MSRs."""
+    def from_kvm(cls, kvm: Kvm, num_vcpus: int,
+                 cpuid_template: CpuidTemplate | None = None) -> VcpuConfigList:
+        """One configuration per vCPU from the host's supported CPUID and saveable MSRs.
+
+        Args:
+            kvm: the host.
+            num_vcpus: how many vCPUs.
+            cpuid_template: adapts the supported CPUID first, e.g.
+                :class:`~kvmlib.arch.x86_64.cpuid_features.HideFeatures`.
+        """
         if not isinstance(num_vcpus, int) or not 1 <= num_vcpus <= MAX_VCPUS:
             raise VmError(f"num_vcpus must be in 1..{MAX_VCPUS}, not {num_vcpus!r}")
         cpuid = entries_from_kvm_cpuid2(kvm.get_supported_cpuid())
+        if cpuid_template is not None:
+            cpuid = tuple(cpuid_template(cpuid))
         msrs = tuple(kvm.get_msr_index_list())
         return cls(VcpuConfig(i, cpuid, msrs) for i in range(num_vcpus))
 

@@ -21,6 +21,7 @@ import attrs
 from typing_extensions import Self
 
 from kvmlib.arch.x86_64.cpuid import CpuidEntry
+from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
 from kvmlib.arch.x86_64.mptable import MpTable
 from kvmlib.bus import IoManager
 from kvmlib.dirty import DirtyBitmap, DirtyTracker
@@ -81,9 +82,14 @@ class VmConfig:
                           f"{len(self.vcpus_config)} vCPUs")
 
     @classmethod
-    def from_kvm(cls, kvm: Kvm, num_vcpus: int) -> VmConfig:
-        """A configuration of ``num_vcpus`` vCPUs from what the host supports."""
-        return cls(num_vcpus, VcpuConfigList.from_kvm(kvm, num_vcpus))
+    def from_kvm(cls, kvm: Kvm, num_vcpus: int,
+                 cpuid_template: CpuidTemplate | None = None) -> VmConfig:
+        """A configuration of ``num_vcpus`` vCPUs from what the host supports.
+
+        ``cpuid_template``, when given, adapts the CPUID first (see
+        :class:`~kvmlib.arch.x86_64.cpuid_features.HideFeatures`).
+        """
+        return cls(num_vcpus, VcpuConfigList.from_kvm(kvm, num_vcpus, cpuid_template))
 
     @classmethod
     def from_state(cls, state: VmState) -> VmConfig:
