@@ -249,8 +249,11 @@ def test_error_exits_end_the_vcpu_with_the_exit_recorded(
     # Real KVM raises these only on hardware trouble: feed one to the loop instead.
     monkeypatch.setattr(vm.vcpus[0].vcpu_fd, "run", lambda: bad_exit)
     vm.run(BSP_CODE)
-    with pytest.raises(VcpuError, match=type(bad_exit).__name__):
+    with pytest.raises(VcpuError, match=r"vCPU 0 stopped at RIP 0x[0-9a-f]+: ") as raised:
         vm.wait(10)
+    assert (raised.value.vcpu_id, raised.value.exit, raised.value.rip) == (0, bad_exit, BSP_CODE)
+    if isinstance(bad_exit, InternalError):
+        assert "KVM internal error 1 (EMULATION" in str(raised.value)
     assert vm.vcpus[0].exit_reason is None
     assert vm.vcpu_run_state.state is VmRunState.EXITING
     vm.shutdown()  # the error was reported once, by wait()

@@ -41,7 +41,20 @@ class VmError(KvmError):
 
 
 class VcpuError(VmError):
-    """A vCPU ended with an error (internal error, failed entry, unknown exit, device exception)."""
+    """A vCPU ended with an error (internal error, failed entry, unknown exit, device exception).
+
+    Attributes:
+        vcpu_id: the vCPU, when known.
+        exit: the exit that stopped it (an :class:`~kvmlib.InternalError`, ...), when one did.
+        rip: the guest instruction pointer at that exit, when it could be read.
+    """
+
+    def __init__(self, message: str, *, vcpu_id: int | None = None, exit: object = None,
+                 rip: int | None = None) -> None:
+        super().__init__(message)
+        self.vcpu_id = vcpu_id
+        self.exit = exit
+        self.rip = rip
 
 
 class SnapshotError(KvmError):

@@ -34,6 +34,7 @@ from kvmlib.errors import KvmIoctlError, VcpuError, VmError
 from kvmlib.ioctl import (
     Cap,
     Hlt,
+    InternalError,
     Intr,
     IoIn,
     IoOut,
@@ -426,11 +427,33 @@ class KvmVcpu:
                 state.set_and_notify(VmRunState.EXITING)
                 return
             else:  # InternalError, FailEntry, Unknown: never retried, never spun on
-                raise VcpuError(f"vCPU {self.id} stopped on {exit_!r}")
+                raise self._exit_error(exit_)
+
+    def _exit_error(self, exit_: VcpuExit) -> VcpuError:
+        try:
+            rip: int | None = self.vcpu_fd.get_regs().rip
+        except KvmIoctlError:
+            rip = None
+        where = f" at RIP {rip:#x}" if rip is not None else ""
+        what = repr(exit_)
+        if isinstance(exit_, InternalError):
+            name = _INTERNAL_ERRORS.get(exit_.suberror, "unknown suberror")
+            what = f"KVM internal error {exit_.suberror} ({name}), data {list(map(hex, exit_.data))}"
+        return VcpuError(f"vCPU {self.id} stopped{where}: {what}", vcpu_id=self.id, exit=exit_,
+                         rip=rip)
 
     def close(self) -> None:
         """Close the vCPU fd and unmap its ``kvm_run``."""
         self.vcpu_fd.close()
+
+
+# KVM_INTERNAL_ERROR_* suberrors, as <linux/kvm.h> names them.
+_INTERNAL_ERRORS = {
+    1: "EMULATION: KVM could not emulate an instruction",
+    2: "SIMUL_EX: an exception occurred while delivering another",
+    3: "DELIVERY_EV: an event could not be delivered",
+    4: "UNEXPECTED_EXIT_REASON",
+}
 
 
 def _dispatch(handler: Callable[[int, memoryview], bool], port: int, size: int, count: int,
