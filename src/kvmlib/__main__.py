@@ -145,10 +145,22 @@ def run_hello(num_vcpus: int = 2, timeout: float = 30.0) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m kvmlib``."""
-    parser = argparse.ArgumentParser(prog="python -m kvmlib", description=__doc__)
+    """Entry point of ``python -m kvmlib`` and of the ``kvmlib`` command.
+
+    ``kvmlib run ...`` boots a Linux kernel (see :mod:`kvmlib.cli`); without a command it runs the
+    built-in guest.
+    """
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["run"]:
+        from kvmlib import cli
+        return cli.main(args_list[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m kvmlib", description=__doc__,
+        epilog="To boot a Linux kernel: python -m kvmlib run --kernel PATH ... "
+               "(see python -m kvmlib run --help).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vcpus", type=int, default=2, help="how many vCPUs (default 2)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         output = run_hello(args.vcpus)
     except KvmError as e:
