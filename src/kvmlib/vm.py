@@ -520,8 +520,9 @@ class KvmVm:
             vcpu_id, first = self._errors[0]
             more = f" (and {len(self._errors) - 1} more; see KvmVm.errors)" if len(
                 self._errors) > 1 else ""
-            detail = str(first) if isinstance(first, VcpuError) else repr(first)
-            raise VcpuError(f"vCPU {vcpu_id} failed: {detail}{more}", vcpu_id=vcpu_id,
+            # A VcpuError already names its vCPU and says what happened.
+            text = str(first) if isinstance(first, VcpuError) else f"vCPU {vcpu_id} failed: {first!r}"
+            raise VcpuError(f"{text}{more}", vcpu_id=vcpu_id,
                             exit=getattr(first, "exit", None),
                             rip=getattr(first, "rip", None)) from first
 
