@@ -62,30 +62,36 @@ class DirtyBitmap:
 
 
 def _runs(bits: int) -> Iterator[tuple[int, int]]:
-    # Walk 64-bit words so the work is proportional to the dirty pages, not to the region: an
-    # int-wide shift per page would cost O(region) each time.
+    # Walk 64-bit words, and inside a word jump from run to run with bit tricks, so the work is
+    # proportional to the number of runs, not to the region's size nor to the dirty pages.
     raw = bits.to_bytes((bits.bit_length() + 63) // 64 * 8, "little")
-    words = memoryview(raw).cast("Q")
     start = -1
-    for w, word in enumerate(words):
-        if word == 0:
-            if start >= 0:
-                yield start, w * _WORD_BITS - start
-                start = -1
-            continue
+    for w, value in enumerate(memoryview(raw).cast("Q")):
+        base = w * _WORD_BITS
+        word = value
         if word == 0xFFFFFFFFFFFFFFFF:
             if start < 0:
-                start = w * _WORD_BITS
+                start = base
             continue
-        for b in range(_WORD_BITS):
-            if word >> b & 1:
-                if start < 0:
-                    start = w * _WORD_BITS + b
-            elif start >= 0:
-                yield start, w * _WORD_BITS + b - start
-                start = -1
+        pos = 0
+        while word:
+            if not word & 1:
+                zeros = (word & -word).bit_length() - 1
+                if start >= 0:
+                    yield start, base + pos - start
+                    start = -1
+                word >>= zeros
+                pos += zeros
+            ones = (word ^ (word + 1)).bit_length() - 1  # the trailing one bits
+            if start < 0:
+                start = base + pos
+            word >>= ones
+            pos += ones
+        if pos < _WORD_BITS and start >= 0:  # the word's top bits are clear: the run ends
+            yield start, base + pos - start
+            start = -1
     if start >= 0:
-        yield start, len(words) * _WORD_BITS - start
+        yield start, len(raw) * 8 - start
 
 
 #: Reads and clears KVM's dirty log of one slot: ``fetch(slot, region) -> bitmap bytes``.
