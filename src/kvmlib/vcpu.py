@@ -397,6 +397,7 @@ class KvmVcpu:
         # The hot path: names bound once, exit types compared by identity.
         run = self.vcpu_fd.run
         bus = self.bus
+        pio_write, pio_read = bus.pio_write, bus.pio_read
         state = self.run_state
         while True:
             try:
@@ -405,11 +406,21 @@ class KvmVcpu:
                 if e.errno == errno.EAGAIN:
                     continue
                 raise
-            # Most frequent first: port and MMIO exits are the hot path.
-            if isinstance(exit_, IoOut):
-                _dispatch(bus.pio_write, exit_.port, exit_.size, exit_.count, exit_.data)
-            elif isinstance(exit_, IoIn):
-                _dispatch(bus.pio_read, exit_.port, exit_.size, exit_.count, exit_.data)
+            # Most frequent first: port and MMIO exits are the hot path. Exact type checks (the
+            # exits are final) and single accesses dispatched inline save calls per exit.
+            kind = type(exit_)
+            if kind is IoOut:
+                port, size, count, data = exit_  # type: ignore[misc]
+                if count == 1:
+                    pio_write(port, data)
+                else:
+                    _dispatch(pio_write, port, size, count, data)
+            elif kind is IoIn:
+                port, size, count, data = exit_  # type: ignore[misc]
+                if count == 1:
+                    pio_read(port, data)
+                else:
+                    _dispatch(pio_read, port, size, count, data)
             elif isinstance(exit_, MmioWrite):
                 bus.mmio_write(exit_.address, exit_.data)
             elif isinstance(exit_, MmioRead):
