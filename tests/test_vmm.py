@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvmlib import Kvm
+from kvmlib.vcpu import setup_signal_handler
 from kvmlib.vmm import Vmm, VmmConfig, VmmConfigError, VmmExitReason
 
 from .loader_images import bzimage
@@ -173,12 +175,23 @@ def test_a_terminal_is_raw_while_running_and_restored_after(kvm: Kvm, tmp_path: 
 
 def test_ctrl_a_x_on_a_terminal_stops_the_vm(kvm: Kvm, tmp_path: Path) -> None:
     import pty
+    import termios
+    import threading
     master, slave = pty.openpty()
     try:
-        os.write(master, b"\x01x")
         cfg = VmmConfig(kernel=kernel_file(tmp_path, bytes([0xEB, 0xFE])), serial_input=slave,
                         memory_mib=64)
-        assert Vmm(cfg).run(timeout=20).reason is VmmExitReason.STOPPED
+        results: list[VmmExitReason] = []
+        setup_signal_handler()  # Vmm.run is about to run outside the main thread
+        runner = threading.Thread(target=lambda: results.append(Vmm(cfg).run(timeout=20).reason))
+        runner.start()
+        # Type the escape once the console is in raw mode, as a person at the terminal would.
+        deadline = time.monotonic() + 10
+        while termios.tcgetattr(slave)[3] & termios.ICANON and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.write(master, b"\x01x")
+        runner.join(30)
+        assert results == [VmmExitReason.STOPPED]
     finally:
         os.close(master)
         os.close(slave)
