@@ -195,3 +195,17 @@ def test_ctrl_a_x_on_a_terminal_stops_the_vm(kvm: Kvm, tmp_path: Path) -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.parametrize("source", ["/dev/null", "file"])
+def test_input_that_cannot_be_polled_is_read_to_its_end(kvm: Kvm, tmp_path: Path, source: str) -> None:
+    path = Path(source) if source == "/dev/null" else tmp_path / "input"
+    if source == "file":
+        path.write_bytes(b"z")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        code = put(b"> ") + (ECHO_ONE if source == "file" else b"") + RESET
+        reason, out, _ = run(tmp_path, code, serial_input=fd)
+    finally:
+        os.close(fd)
+    assert (reason, out) == (VmmExitReason.RESET, b"> z" if source == "file" else b"> ")

@@ -92,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KvmError as e:
         _progress(f"error: {e}")
         return EXIT_SETUP
+    except OSError as e:
+        _progress(f"error: {e.strerror or e}"
+                  + (f": {e.filename}" if e.filename else ""))
+        return EXIT_SETUP
     except KeyboardInterrupt:
         _progress("interrupted")
         return EXIT_SETUP

@@ -292,11 +292,19 @@ class Vmm:
               started: float) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(wakeup.fd, selectors.EVENT_READ, "wakeup")
+            # A regular file or /dev/null cannot be polled (epoll refuses it) but never blocks:
+            # it is read on every turn of the loop until its end.
+            unpollable = False
             if console.fd is not None:
-                sel.register(console.fd, selectors.EVENT_READ, "input")
+                try:
+                    sel.register(console.fd, selectors.EVENT_READ, "input")
+                except PermissionError:
+                    unpollable = True
             while self._reason is None:
+                if unpollable:
+                    unpollable = console.read()
                 wait = None if timeout is None else max(0.0, started + timeout - time.monotonic())
-                if console.pending:  # the UART's FIFO was full: offer the rest again soon
+                if console.pending or unpollable:  # offer the rest again soon
                     wait = 0.01 if wait is None else min(wait, 0.01)
                 events = sel.select(wait)
                 for key, _ in events:
