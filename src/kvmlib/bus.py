@@ -93,6 +93,16 @@ class MmioDevice(Protocol):
         """Take the guest's store of ``data``."""
 
 
+def answer_byte(data: memoryview, value: int) -> None:
+    """Answer a read of an 8-bit register: ``value`` in the first byte, zeros above it.
+
+    For device writers: a guest may read a byte register with a wider access.
+    """
+    data[0] = value
+    if len(data) > 1:
+        data[1:] = bytes(len(data) - 1)
+
+
 @runtime_checkable
 class StatefulDevice(Protocol):
     """A device whose state a snapshot carries (see :mod:`kvmlib.snapshot`).
@@ -247,4 +257,5 @@ class IoManager:
 
 __all__ = [
     "BusError", "IoManager", "MmioDevice", "MmioRange", "PioDevice", "PioRange", "StatefulDevice",
+    "answer_byte",
 ]

@@ -31,13 +31,11 @@ from ctypes import (
     sizeof,
 )
 from enum import IntEnum
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from typing import Union as TUnion
 
-from typing_extensions import Self
-
 from kvmlib.errors import KvmIoctlError, KvmUnavailableError
+from kvmlib.resources import Closeable
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -924,7 +922,7 @@ _get_errno = ctypes.get_errno
 _T = TypeVar("_T", bound=Structure)
 
 
-class _FdOwner:
+class _FdOwner(Closeable):
     """Owns one fd: ``close()`` is idempotent and the object is a context manager."""
 
     _fd: int
@@ -947,15 +945,6 @@ class _FdOwner:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # A safety net only: owners are expected to be closed explicitly.

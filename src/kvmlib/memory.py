@@ -15,12 +15,12 @@ import os
 import struct
 from collections.abc import Iterable
 from itertools import pairwise
-from types import TracebackType
 from typing import Any, TypeVar
 
 from typing_extensions import Self
 
 from kvmlib.errors import GuestMemoryError
+from kvmlib.resources import Closeable
 
 PAGE_SIZE = mmap.PAGESIZE
 HUGE_PAGE_SIZE = 2 << 20
@@ -220,7 +220,7 @@ _UNSIGNED = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<
              8: struct.Struct("<Q")}
 
 
-class GuestMemoryMmap:
+class GuestMemoryMmap(Closeable):
     """The guest's physical memory: sorted, non-overlapping regions, bounds-checked access."""
 
     def __init__(self, regions: Iterable[GuestRegionMmap]) -> None:
@@ -404,12 +404,6 @@ class GuestMemoryMmap:
         for r in self._regions:
             r.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 __all__ = [

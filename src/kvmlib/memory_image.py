@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterable, Sequence
-from types import TracebackType
-
-from typing_extensions import Self
 
 from kvmlib.errors import GuestMemoryError
 from kvmlib.memory import PAGE_SIZE, GuestMemoryMmap
+from kvmlib.resources import Closeable
 
 #: A memory layout: ``(start, size)`` of each region, ascending.
 Layout = tuple[tuple[int, int], ...]
@@ -20,7 +18,7 @@ def layout_of(memory: GuestMemoryMmap) -> Layout:
     return tuple((int(r.start_addr), r.size) for r in memory.regions)
 
 
-class MemoryImage:
+class MemoryImage(Closeable):
     """Private copies of every region of a guest memory, in the same layout.
 
     Build one with :meth:`capture`. Each region's copy is an anonymous mapping, so pages of the
@@ -100,12 +98,6 @@ class MemoryImage:
             except BufferError:
                 pass  # a caller's view is alive: the mapping goes with the last such view
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _fmt(layout: Layout) -> str:

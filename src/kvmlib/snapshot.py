@@ -36,17 +36,16 @@ import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import attrs
-from typing_extensions import Self
 
 from kvmlib.bus import IoManager
 from kvmlib.errors import GuestMemoryError, SnapshotError
 from kvmlib.exit_handler import ExitHandler
 from kvmlib.ioctl import Kvm
 from kvmlib.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegionMmap
+from kvmlib.resources import Closeable
 from kvmlib.state import VmState
 from kvmlib.vm import KvmVm
 
@@ -100,7 +99,7 @@ class SnapshotInfo:
 
 
 @attrs.define(slots=True)
-class LoadedSnapshot:
+class LoadedSnapshot(Closeable):
     """A snapshot read back: the state, the guest memory it fills, and the chain it came from.
 
     The memory belongs to the caller; :meth:`close` (or ``with``) unmaps it.
@@ -114,12 +113,6 @@ class LoadedSnapshot:
         """Unmap the guest memory."""
         self.memory.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 # ---- writing --------------------------------------------------------------------------------------

@@ -409,18 +409,13 @@ class KvmVcpu:
             # Most frequent first: port and MMIO exits are the hot path. Exact type checks (the
             # exits are final) and single accesses dispatched inline save calls per exit.
             kind = type(exit_)
-            if kind is IoOut:
+            if kind is IoOut or kind is IoIn:
                 port, size, count, data = exit_  # type: ignore[misc]
+                handler = pio_write if kind is IoOut else pio_read
                 if count == 1:
-                    pio_write(port, data)
+                    handler(port, data)
                 else:
-                    _dispatch(pio_write, port, size, count, data)
-            elif kind is IoIn:
-                port, size, count, data = exit_  # type: ignore[misc]
-                if count == 1:
-                    pio_read(port, data)
-                else:
-                    _dispatch(pio_read, port, size, count, data)
+                    _dispatch(handler, port, size, count, data)
             elif isinstance(exit_, MmioWrite):
                 bus.mmio_write(exit_.address, exit_.data)
             elif isinstance(exit_, MmioRead):

@@ -14,11 +14,9 @@ import enum
 import logging
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 import attrs
-from typing_extensions import Self
 
 from kvmlib.arch.x86_64.cpuid import CpuidEntry
 from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
@@ -44,6 +42,7 @@ from kvmlib.ioctl import (
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory_image import MemoryImage, layout_of
+from kvmlib.resources import Closeable
 from kvmlib.state import DeviceState, VmState
 from kvmlib.vcpu import (
     MAX_VCPUS,
@@ -104,7 +103,7 @@ class VmConfig:
 
 
 @attrs.define(frozen=True, slots=True, eq=False)
-class Snapshot:
+class Snapshot(Closeable):
     """A VM's state and a copy of its memory, held in this process.
 
     What :meth:`KvmVm.reset_to` goes back to. Take one with :meth:`KvmVm.snapshot`; :meth:`close`
@@ -118,12 +117,6 @@ class Snapshot:
         """Free the memory copy; idempotent."""
         self.memory.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 @runtime_checkable
@@ -169,7 +162,7 @@ USER_DIRTY_CURSOR = "user"
 RESET_DIRTY_CURSOR = "reset"
 
 
-class KvmVm:
+class KvmVm(Closeable):
     """A KVM virtual machine; create it with :meth:`new` or :meth:`from_state`.
 
     Use it as a context manager. Guest memory stays the caller's: the VM registers it with KVM
@@ -564,12 +557,6 @@ class KvmVm:
                 vcpu.close()
             self.fd.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _check_fits(state: VmState, memory: GuestMemoryMmap, bus: IoManager | None) -> None:

@@ -16,6 +16,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from kvmlib.bus import answer_byte
 from kvmlib.devices.errors import DeviceError
 
 I8042_DATA_PORT = 0x60
@@ -81,9 +82,7 @@ class I8042Device:
                     STATUS_CMD if self._last_was_command else 0)
             else:
                 value, self._out = (self._out or 0), None
-        data[0] = value
-        if len(data) > 1:
-            data[1:] = b"\0" * (len(data) - 1)
+        answer_byte(data, value)
 
     def pio_write(self, base: int, offset: int, data: memoryview) -> None:
         """A command (0x64) or a command's data byte (0x60)."""

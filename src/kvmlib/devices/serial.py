@@ -20,12 +20,11 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
-from types import TracebackType
 from typing import BinaryIO, Protocol, Union
 
-from typing_extensions import Self
-
+from kvmlib.bus import answer_byte
 from kvmlib.devices.errors import DeviceError
+from kvmlib.resources import Closeable
 
 #: COM1: the ports and the ISA IRQ Linux's ``ttyS0`` expects.
 COM1_PORT = 0x3F8
@@ -65,7 +64,7 @@ class InterruptTrigger(Protocol):
         """Send one interrupt edge."""
 
 
-class EventFdTrigger:
+class EventFdTrigger(Closeable):
     """An eventfd to register with ``VmFd.register_irqfd``: each :meth:`trigger` is an edge."""
 
     def __init__(self) -> None:
@@ -82,12 +81,6 @@ class EventFdTrigger:
             self._closed = True
             os.close(self.fd)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 #: Where transmitted bytes go: a binary stream (written and flushed), a callable, or nowhere.
@@ -128,9 +121,7 @@ class Serial:
         """A guest ``in``: the register at ``offset`` (wider accesses read it in the first byte)."""
         with self._lock:
             value = self._read(offset)
-        data[0] = value
-        if len(data) > 1:
-            data[1:] = b"\0" * (len(data) - 1)
+        answer_byte(data, value)
 
     def pio_write(self, base: int, offset: int, data: memoryview) -> None:
         """A guest ``out`` of ``data[0]`` to the register at ``offset``."""
