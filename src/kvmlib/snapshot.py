@@ -35,6 +35,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,18 +222,23 @@ def _nonzero_chunks(region: GuestRegionMmap, lo: int = 0, hi: int | None = None)
 def _write_full_memory(path: Path, memory: GuestMemoryMmap) -> dict[str, Any]:
     digest = hashlib.sha256()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    # Each run is checksummed in a second thread while this one writes it: hashlib and pwrite
+    # both release the GIL, so the two overlap; runs are still hashed in order.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kvmlib-snapshot-hash")
     try:
         file_off = 0
         for region in memory.regions:
             view = region.as_memoryview()
             for off, length in _coalesce(_nonzero_chunks(region), region.size):
                 data = view[off:off + length]
-                _hash_chunks(digest, file_off + off, data)
+                hashed = pool.submit(_hash_chunks, digest, file_off + off, data)
                 _write_all(fd, data, file_off + off)
+                hashed.result()
             file_off += region.size
         os.ftruncate(fd, file_off)  # the zero tail becomes a hole too
         os.fsync(fd)
     finally:
+        pool.shutdown()
         os.close(fd)
     return {"file": MEMORY_FILE, "size": file_off, "sha256": digest.hexdigest()}
 
