@@ -16,6 +16,7 @@ from kvmlib.bus import (
 )
 from kvmlib.dirty import DirtyBitmap
 from kvmlib.errors import (
+    ClosedError,
     GuestMemoryError,
     KvmError,
     KvmIoctlError,
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BusError",
     "Cap",
+    "ClosedError",
     "DeviceState",
     "DirtyBitmap",
     "EventExitHandler",

@@ -32,6 +32,13 @@ class KvmIoctlError(KvmError):
         super().__init__(msg)
 
 
+class ClosedError(KvmError, ValueError):
+    """The object was closed: a VM, vCPU, file descriptor or guest memory used after ``close()``.
+
+    A :class:`ValueError` too, as for a closed Python file.
+    """
+
+
 class GuestMemoryError(KvmError):
     """A guest memory access or layout is invalid (out of bounds, overlap, misalignment)."""
 
