@@ -14,7 +14,11 @@ own canonical form, of ``state.json``, and of the memory: for ``memory.diff`` th
 ``memory.img`` the concatenation, over every chunk that is not all zero, of the chunk's 8-byte
 little-endian offset and its bytes (so checking it never reads a hole). A snapshot is written into a
 temporary directory beside the target, each file fsynced, then renamed into place in one step: a
-snapshot directory either is complete or does not exist.
+snapshot directory either is complete or does not exist. The saving process holds ``flock`` on its
+temporary directory throughout, so the next save to the same target can tell the leftovers of a
+killed save (unlocked: removed) from a save still running (locked: left alone, and this save
+refused). Every file system failure, saving or loading, is a :class:`SnapshotError` naming the path
+and the reason, with the :class:`OSError` chained.
 
 Loading reads and checks every manifest, the state and the memory of a whole diff chain before the
 caller gets anything, so a truncated, corrupted or foreign snapshot raises :class:`SnapshotError`
@@ -26,11 +30,15 @@ writes never reach the file).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 import uuid
 import weakref
@@ -123,6 +131,13 @@ def save_snapshot(vm: KvmVm, path: str | os.PathLike[str], *,
                   base: str | os.PathLike[str] | None = None) -> SnapshotInfo:
     """Write the paused VM ``vm`` to the new directory ``path``.
 
+    The target is checked before anything is read from the VM or written: it must not exist in
+    any form (a dangling symbolic link counts), and its parent must be an existing directory.
+    Temporary directories left beside the target by saves that were killed are removed; a save to
+    the same target still running in another process or thread is left alone and makes this one
+    fail. Every failure of the file system is a :class:`SnapshotError` naming the path and the
+    reason, with the :class:`OSError` as its ``__cause__``, and leaves nothing behind.
+
     Args:
         vm: a paused VM (or one not yet run).
         path: the snapshot directory to create; it must not exist.
@@ -132,11 +147,12 @@ def save_snapshot(vm: KvmVm, path: str | os.PathLike[str], *,
 
     Raises:
         VmError: the VM is running, stopped or closed.
-        SnapshotError: ``path`` exists, or ``base`` is not where this VM's dirty tracking starts.
+        SnapshotError: ``path`` exists, its parent is not a directory, another save to ``path`` is
+            in progress, ``base`` is not where this VM's dirty tracking starts, or the files could
+            not be written.
     """
     target = Path(path)
-    if target.exists():
-        raise SnapshotError(f"{target} already exists; a snapshot is written to a new directory")
+    _check_target(target)
     state = vm.save_state()
     memory = vm.guest_memory
     snapshot_id = uuid.uuid4().hex
@@ -153,34 +169,232 @@ def save_snapshot(vm: KvmVm, path: str | os.PathLike[str], *,
             raise SnapshotError(f"{base} has another memory layout than the VM")
         manifest["base"] = {"id": base_info.id,
                             "path": os.path.relpath(base_info.path.resolve(), target.resolve().parent)}
-    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-    os.mkdir(tmp, 0o700)
+    tmp, tmp_fd = _claim_temp_dir(target)
+    tracking_moved = False
     try:
         state_bytes = state.to_bytes()
-        _write_file(tmp / STATE_FILE, [memoryview(state_bytes)])
+        with _os_errors(f"cannot save {target}: writing {STATE_FILE}"):
+            _write_file(tmp / STATE_FILE, [memoryview(state_bytes)])
         manifest["state"] = {"file": STATE_FILE, "size": len(state_bytes),
                              "sha256": hashlib.sha256(state_bytes).hexdigest()}
         # Dirty tracking restarts before memory is read, so no write can fall between the two.
+        tracking_moved = True
         if base is None:
             vm.dirty_tracker.start(_FILE_CURSOR)
-            manifest["memory"] = _write_full_memory(tmp / MEMORY_FILE, memory)
+            with _os_errors(f"cannot save {target}: writing {MEMORY_FILE}"):
+                manifest["memory"] = _write_full_memory(tmp / MEMORY_FILE, memory)
         else:
             dirty = {d.slot: d.runs() for d in vm.dirty_tracker.take(_FILE_CURSOR)}
-            manifest["memory"] = _write_diff_memory(tmp / DIFF_FILE, memory, dirty)
+            with _os_errors(f"cannot save {target}: writing {DIFF_FILE}"):
+                manifest["memory"] = _write_diff_memory(tmp / DIFF_FILE, memory, dirty)
         manifest["memory"]["regions"] = [list(r) for r in state.memory]
         manifest["checksum"] = _manifest_checksum(manifest)
-        _write_file(tmp / MANIFEST, [memoryview(json.dumps(manifest, indent=1).encode())])
-        _fsync_dir(tmp)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        with _os_errors(f"cannot save {target}: writing {MANIFEST}"):
+            _write_file(tmp / MANIFEST, [memoryview(json.dumps(manifest, indent=1).encode())])
+        with _os_errors(f"cannot save {target}: syncing {tmp}"):
+            _fsync_dir(tmp)
+        _rename_into_place(tmp, target)
     except BaseException:
-        for child in tmp.iterdir() if tmp.exists() else ():
-            child.unlink()
-        if tmp.exists():
-            tmp.rmdir()
+        _remove_temp_dir(tmp, tmp_fd)
+        if tracking_moved:
+            # The file cursor no longer starts at the last snapshot saved: a diff on it would
+            # miss the pages dirtied before this attempt.
+            _last_saved.pop(vm, None)
         raise
+    finally:
+        os.close(tmp_fd)
     _last_saved[vm] = snapshot_id
+    with _os_errors(f"{target} was written, but making its rename durable failed (it may not "
+                    f"survive a crash): syncing {target.parent}"):
+        _fsync_dir(target.parent)
     return read_manifest(target)
+
+
+@contextlib.contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    """Raise an :class:`OSError` from the block as ``SnapshotError("<what>: <reason>")``, chained."""
+    try:
+        yield
+    except OSError as e:
+        raise SnapshotError(f"{what}: {e.strerror or e}") from e
+
+
+def _check_target(target: Path) -> None:
+    """Refuse a target that exists in any form or whose parent is not a directory."""
+    if os.path.lexists(target):
+        dangling = " as a dangling symbolic link" if not target.exists() else ""
+        raise SnapshotError(f"{target} already exists{dangling}; a snapshot is written to a new "
+                            "directory")
+    parent = target.parent
+    try:
+        mode = os.stat(parent).st_mode
+    except FileNotFoundError as e:
+        raise SnapshotError(f"cannot save {target}: the directory {parent} does not exist") from e
+    except OSError as e:
+        raise SnapshotError(f"cannot save {target}: {parent}: {e.strerror or e}") from e
+    if not stat.S_ISDIR(mode):
+        raise SnapshotError(f"cannot save {target}: {parent} is not a directory")
+
+
+_TEMP_TAG = ".tmp-"
+_TEMP_TOKEN_BYTES = 4
+
+
+def _temp_name(target_name: str) -> str:
+    return f".{target_name}{_TEMP_TAG}{secrets.token_hex(_TEMP_TOKEN_BYTES)}"
+
+
+def _is_temp_name(name: str, target_name: str) -> bool:
+    """Whether ``name`` is exactly what :func:`_temp_name` makes for ``target_name``.
+
+    Matching the token exactly keeps ``.a.tmp-x.tmp-0123abcd`` (a save to ``a.tmp-x``) from
+    passing for a save to ``a``.
+    """
+    prefix = f".{target_name}{_TEMP_TAG}"
+    token = name[len(prefix):]
+    return (name.startswith(prefix) and len(token) == 2 * _TEMP_TOKEN_BYTES
+            and all(c in "0123456789abcdef" for c in token))
+
+
+def _try_lock(fd: int, *, wait: bool = False) -> bool | None:
+    """``flock(LOCK_EX)`` on ``fd``: whether it was taken.
+
+    False if another holds it, None if the file system cannot lock it (NFS cannot lock a directory).
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _open_dir(name: str | Path, dir_fd: int | None = None, *, follow: bool = True) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _claim_temp_dir(target: Path) -> tuple[Path, int]:
+    """Create this save's temporary directory beside ``target``, locked; clear stale ones.
+
+    A save holds ``flock(LOCK_EX)`` on its temporary directory from creating it until it is renamed
+    into place or removed; the kernel drops the lock when the process dies, however it dies, so a
+    temporary directory whose lock can be taken belongs to a save that is over. Returns the
+    directory and the descriptor holding its lock (the caller closes it when done).
+
+    Raises:
+        SnapshotError: another save to ``target`` is in progress, ``target`` appeared meanwhile, or
+            the directory cannot be created.
+    """
+    parent = target.parent
+    stale: list[tuple[str, int]] = []
+    # Read access is needed anyway, to fsync the directory after the rename.
+    with _os_errors(f"cannot save {target}: {parent}"):
+        parent_fd = _open_dir(parent)
+    try:
+        # Creating a temporary directory and locking it happen under the parent's lock, and so
+        # does looking for stale ones: a new directory is never seen before it is locked.
+        if _try_lock(parent_fd, wait=True):
+            with _os_errors(f"cannot save {target}: listing {parent}"):
+                siblings = os.listdir(parent_fd)
+            for name in siblings:
+                if not _is_temp_name(name, target.name):
+                    continue
+                try:
+                    # Not following a link: its files are removed, and they must be this save's.
+                    fd = _open_dir(name, parent_fd, follow=False)
+                except OSError:
+                    continue  # gone already, or not a directory kvmlib made
+                locked = _try_lock(fd)
+                if locked:
+                    stale.append((name, fd))
+                    continue
+                os.close(fd)
+                if locked is False:
+                    raise SnapshotError(f"cannot save {target}: another save to it is in progress "
+                                        f"(writing {parent / name})")
+        if os.path.lexists(target):
+            raise SnapshotError(f"{target} already exists; a snapshot is written to a new directory")
+        with _os_errors(f"cannot save {target}: creating a temporary directory in {parent}"):
+            while True:
+                tmp = parent / _temp_name(target.name)
+                try:
+                    os.mkdir(tmp, 0o700)
+                    break
+                except FileExistsError:
+                    continue
+            try:
+                tmp_fd = _open_dir(tmp, follow=False)
+            except BaseException:
+                os.rmdir(tmp)
+                raise
+        # If this cannot be locked, neither could the parent (one file system): no save will ever
+        # look for stale directories beside it, so running unlocked is safe.
+        _try_lock(tmp_fd)
+    except BaseException:
+        for _, fd in stale:
+            os.close(fd)
+        raise
+    finally:
+        os.close(parent_fd)
+    for name, fd in stale:
+        _remove_temp_dir(parent / name, fd)
+        os.close(fd)
+    return tmp, tmp_fd
+
+
+def _remove_temp_dir(path: Path, fd: int) -> None:
+    """Remove a temporary directory's files, through ``fd``, then the directory; best effort.
+
+    Nothing here may hide the error that made a save give up, nor fail a save because of another's
+    leftovers; what cannot be removed now is stale and removed by the next save.
+    """
+    try:
+        names = os.listdir(fd)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=fd)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.restype = ctypes.c_int
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, never replacing what appeared there since it was checked.
+
+    A plain rename(2) silently replaces an empty directory; ``RENAME_NOREPLACE`` refuses any.
+    """
+    exists = f"{target} already exists; a snapshot is written to a new directory"
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise SnapshotError(exists) from FileExistsError(err, os.strerror(err), str(target))
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            e = OSError(err, os.strerror(err), str(tmp), None, str(target))
+            raise SnapshotError(f"cannot save {target}: renaming {tmp} to it: {e.strerror}") from e
+    # No renameat2 (an old libc or kernel, or a file system without RENAME_NOREPLACE): check, then
+    # rename, which leaves a short window.
+    if os.path.lexists(target):
+        raise SnapshotError(exists)
+    with _os_errors(f"cannot save {target}: renaming {tmp} to it"):
+        os.rename(tmp, target)
 
 
 def _write_file(path: Path, pieces: Sequence[memoryview]) -> None:
@@ -307,10 +521,10 @@ def _read_manifest(path: Path) -> tuple[SnapshotInfo, dict[str, Any]]:
     file = path / MANIFEST
     try:
         raw = file.read_bytes()
-    except FileNotFoundError:
-        raise SnapshotError(f"{path} is not a snapshot: it has no {MANIFEST}") from None
+    except FileNotFoundError as e:
+        raise SnapshotError(f"{path} is not a snapshot: it has no {MANIFEST}") from e
     except OSError as e:
-        raise SnapshotError(f"cannot read {file}: {e.strerror}") from None
+        raise SnapshotError(f"cannot read {file}: {e.strerror or e}") from e
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -362,9 +576,14 @@ def _checked_file(info: SnapshotInfo, entry: dict[str, Any]) -> tuple[Path, int]
         raise SnapshotError(f"{info.path / MANIFEST} names an unexpected file {name!r}")
     file = info.path / name
     try:
-        actual = file.stat().st_size
-    except FileNotFoundError:
-        raise SnapshotError(f"{file} is missing") from None
+        st = file.stat()
+    except FileNotFoundError as e:
+        raise SnapshotError(f"{file} is missing") from e
+    except OSError as e:
+        raise SnapshotError(f"cannot read {file}: {e.strerror or e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"{file} is not a regular file")
+    actual = st.st_size
     if actual != entry["size"]:
         raise SnapshotError(f"{file} is {actual} bytes but the manifest says {entry['size']} "
                             f"({'truncated' if actual < entry['size'] else 'has extra bytes'})")
@@ -379,7 +598,8 @@ def load_state(path: str | os.PathLike[str]) -> VmState:
 
 def _load_state(info: SnapshotInfo, doc: dict[str, Any]) -> VmState:
     file, _ = _checked_file(info, doc["state"])
-    data = file.read_bytes()
+    with _os_errors(f"cannot read {file}"):
+        data = file.read_bytes()
     if hashlib.sha256(data).hexdigest() != doc["state"]["sha256"]:
         raise SnapshotError(f"{file} fails its checksum: it is corrupted")
     state = VmState.from_bytes(data)
@@ -415,13 +635,20 @@ def load_snapshot(path: str | os.PathLike[str], *, mode: MemoryMode = "read",
     for (info, doc), (file, _) in zip(chain[1:], files[1:], strict=True):
         diffs.append((file, _diff_runs(info, doc)))
         if verify:
-            _verify_whole_file(file, doc["memory"]["sha256"])
-    memory = _map_full(files[0][0], full_info.memory, mode, log_dirty_pages)
+            with _os_errors(f"cannot read {file}"):
+                _verify_whole_file(file, doc["memory"]["sha256"])
+    image = files[0][0]
+    with _os_errors(f"cannot read {image}"):
+        memory = _map_full(image, full_info.memory, mode, log_dirty_pages)
     try:
-        if verify and _full_digest(files[0][0], memory) != full_doc["memory"]["sha256"]:
-            raise SnapshotError(f"{files[0][0]} fails its checksum: it is corrupted")
+        if verify:
+            with _os_errors(f"cannot read {image}"):
+                digest = _full_digest(image, memory)
+            if digest != full_doc["memory"]["sha256"]:
+                raise SnapshotError(f"{image} fails its checksum: it is corrupted")
         for file, runs in diffs:
-            _apply_diff(file, runs, memory)
+            with _os_errors(f"cannot read {file}"):
+                _apply_diff(file, runs, memory)
     except BaseException:
         memory.close()
         raise
@@ -465,8 +692,10 @@ def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            return  # ENXIO: only a hole is left
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole is left
+            raise
         end = os.lseek(fd, start, os.SEEK_HOLE)
         yield start, min(end, size) - start
         pos = end
