@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmlib import GuestAddress, GuestMemoryError, GuestMemoryMmap, GuestRegionMmap
+from kvmlib import ClosedError, GuestAddress, GuestMemoryError, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory import HUGE_PAGE_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 PAGE = 0x1000
@@ -81,8 +81,10 @@ def test_host_address_points_at_the_guest_bytes(memory: GuestMemoryMmap) -> None
 def test_closed_memory_refuses_access_and_close_is_idempotent(memory: GuestMemoryMmap) -> None:
     memory.close()
     memory.close()
-    with pytest.raises(GuestMemoryError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         memory.read(1, GuestAddress(0))
+    with pytest.raises(ValueError, match="closed"):  # as for a closed file
+        memory.write(b"x", GuestAddress(0))
 
 
 def test_guest_address_is_an_int_in_range() -> None:

@@ -138,7 +138,7 @@ def test_pause_freezes_the_guest_and_resume_continues_it(make_vm: Factory) -> No
 def test_registers_cannot_be_read_while_running(make_vm: Factory) -> None:
     vm = make_vm(1, {BSP_CODE: SPIN})
     vm.run(BSP_CODE)
-    with pytest.raises(VmError, match="paused"):
+    with pytest.raises(VmError, match=r"running; pause\(\) it first"):
         vm.vcpu_regs(0)
     vm.shutdown()
 
@@ -179,7 +179,7 @@ def test_an_exception_in_a_device_is_raised_by_shutdown(make_vm: Factory) -> Non
 def test_run_refuses_a_second_start_and_a_missing_vcpu(kvm: Kvm, make_vm: Factory) -> None:
     vm = make_vm(1, {BSP_CODE: SPIN})
     vm.run(BSP_CODE)
-    with pytest.raises(VmError, match="started"):
+    with pytest.raises(VmError, match="running \\(a VM runs once\\)"):
         vm.run(BSP_CODE)
     vm.shutdown()
     with memory_with({}) as memory:

@@ -46,8 +46,9 @@ from kvmlib.ioctl import (
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory_image import MemoryImage
+from kvmlib.runstate import LifecycleState, VcpuRunState, VmRunState
 from kvmlib.state import DeviceState, VcpuState, VmState
-from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList, VcpuRunState, VmRunState
+from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList
 from kvmlib.vm import KvmVm, Snapshot, Vm, VmConfig
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "KvmUnavailableError",
     "KvmVcpu",
     "KvmVm",
+    "LifecycleState",
     "MemoryImage",
     "MmioDevice",
     "MmioRange",

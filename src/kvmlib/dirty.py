@@ -9,6 +9,7 @@ own writes, and keeps one accumulated bitmap per reader ("cursor"). Bitmaps are 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import attrs
@@ -110,6 +111,8 @@ class DirtyTracker:
         self._regions = tuple(regions)
         self._fetch = fetch
         self._cursors: dict[str, list[int]] = {}
+        # Draining the kernel's log and folding it into every cursor must not interleave.
+        self._lock = threading.RLock()
 
     @property
     def tracked_slots(self) -> tuple[int, ...]:
@@ -126,21 +129,25 @@ class DirtyTracker:
 
     def start(self, cursor: str) -> None:
         """Begin (or restart) accumulating for ``cursor``: nothing is dirty for it from now on."""
-        self._drain()
-        self._cursors[cursor] = [0] * len(self._regions)
+        with self._lock:
+            self._drain()
+            self._cursors[cursor] = [0] * len(self._regions)
 
     def peek(self, cursor: str) -> list[DirtyBitmap]:
         """What ``cursor`` has accumulated, one bitmap per tracked region, without clearing it."""
-        self._drain()
-        acc = self._cursors[cursor]
-        return [DirtyBitmap(slot, self._regions[slot].start_addr, self._regions[slot].num_pages,
-                            acc[slot]) for slot in self.tracked_slots]
+        with self._lock:
+            self._drain()
+            acc = self._cursors[cursor]
+            return [DirtyBitmap(slot, self._regions[slot].start_addr,
+                                self._regions[slot].num_pages, acc[slot])
+                    for slot in self.tracked_slots]
 
     def take(self, cursor: str) -> list[DirtyBitmap]:
         """What ``cursor`` has accumulated, then clear it (it keeps accumulating)."""
-        result = self.peek(cursor)
-        self._cursors[cursor] = [0] * len(self._regions)
-        return result
+        with self._lock:
+            result = self.peek(cursor)
+            self._cursors[cursor] = [0] * len(self._regions)
+            return result
 
     def tracking(self, cursor: str) -> bool:
         """Whether :meth:`start` was called for ``cursor``."""

@@ -13,13 +13,14 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any, TypeVar
 
 from typing_extensions import Self
 
-from kvmlib.errors import GuestMemoryError
+from kvmlib.errors import ClosedError, GuestMemoryError
 from kvmlib.resources import Closeable
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -80,6 +81,11 @@ class GuestRegionMmap:
             raise GuestMemoryError(f"region [{base:#x}, +{size:#x}) ends past 2**64")
         self._map: mmap.mmap | None = mapping
         self._view = memoryview(mapping)
+        # Users that gave host_address to KVM (a VM's memory slot): while any holds the region,
+        # close() only forbids access and the unmap waits for the last release().
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
         self.start_addr = base
         self.size = size
         self.read_only = read_only
@@ -187,13 +193,51 @@ class GuestRegionMmap:
 
     def as_memoryview(self) -> memoryview:
         """A view of the whole region (valid until :meth:`close`)."""
-        if self._map is None:
-            raise GuestMemoryError("the region is closed")
+        if self._closing:
+            raise ClosedError(f"guest memory region at {self.start_addr:#x} is closed")
         return self._view
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the unmap itself may still wait for a user)."""
+        return self._closing
+
+    def acquire(self) -> None:
+        """Keep the mapping alive for a user that handed :attr:`host_address` to KVM.
+
+        Until the matching :meth:`release`, :meth:`close` only forbids access through this
+        object; the memory stays mapped, so a guest can never reach host memory reused after an
+        unmap.
+
+        Raises:
+            ClosedError: the region is already closed.
+        """
+        with self._lock:
+            if self._closing:
+                raise ClosedError(f"guest memory region at {self.start_addr:#x} is closed")
+            self._users += 1
+
+    def release(self) -> None:
+        """End one :meth:`acquire`; the last release of a closed region unmaps it."""
+        with self._lock:
+            if self._users <= 0:
+                raise GuestMemoryError("release() without a matching acquire()")
+            self._users -= 1
+            unmap = self._closing and self._users == 0
+        if unmap:
+            self._unmap()
+
     def close(self) -> None:
-        """Unmap the region; idempotent."""
-        mapping, self._map = self._map, None
+        """Forbid further access and unmap the region (once no user holds it); idempotent."""
+        with self._lock:
+            self._closing = True
+            unmap = self._users == 0
+        if unmap:
+            self._unmap()
+
+    def _unmap(self) -> None:
+        with self._lock:
+            mapping, self._map = self._map, None
         if mapping is not None:
             self._view.release()
             try:
@@ -296,7 +340,7 @@ class GuestMemoryMmap(Closeable):
 
     def _region_or_raise(self, addr: int) -> GuestRegionMmap:
         if self._closed:
-            raise GuestMemoryError("guest memory is closed")
+            raise ClosedError("guest memory is closed")
         region = self.find_region(addr)
         if region is None:
             raise GuestMemoryError(f"guest address {int(addr):#x} is not backed by memory")
@@ -305,7 +349,7 @@ class GuestMemoryMmap(Closeable):
     def _spans(self, addr: int, size: int) -> list[tuple[GuestRegionMmap, int, int]]:
         """(region, offset, length) pieces covering [addr, addr+size), or raise first."""
         if self._closed:
-            raise GuestMemoryError("guest memory is closed")
+            raise ClosedError("guest memory is closed")
         if size < 0:
             raise GuestMemoryError(f"access size {size} is negative")
         if not 0 <= addr < _ADDR_LIMIT:
@@ -398,8 +442,42 @@ class GuestMemoryMmap(Closeable):
         """Write a little-endian 64-bit value."""
         self._write_uint(value, addr, 8)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def acquire(self) -> None:
+        """Keep every region mapped for a user that gave their addresses to KVM (a VM).
+
+        See :meth:`GuestRegionMmap.acquire`: until :meth:`release`, closing only forbids access.
+
+        Raises:
+            ClosedError: the memory is already closed.
+        """
+        if self._closed:
+            raise ClosedError("guest memory is closed")
+        taken: list[GuestRegionMmap] = []
+        try:
+            for region in self._regions:
+                region.acquire()
+                taken.append(region)
+        except BaseException:
+            for region in taken:
+                region.release()
+            raise
+
+    def release(self) -> None:
+        """End one :meth:`acquire`; closed regions are unmapped by their last release."""
+        for region in self._regions:
+            region.release()
+
     def close(self) -> None:
-        """Unmap every region; idempotent."""
+        """Forbid further access and unmap every region (once no VM uses it); idempotent.
+
+        While a VM built on this memory exists, the unmap waits until the VM is closed: the
+        guest keeps valid memory, and nothing of the host's can be placed at its addresses.
+        """
         self._closed = True
         for r in self._regions:
             r.close()

@@ -9,7 +9,6 @@ exist, then calls KVM_RUN in a loop, handing port and MMIO exits to the bus. A V
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import logging
 import signal
@@ -57,6 +56,7 @@ from kvmlib.ioctl import (
     make_kvm_cpuid2,
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap
+from kvmlib.runstate import VcpuRunState, VmRunState
 from kvmlib.state import VcpuState
 
 log = logging.getLogger(__name__)
@@ -66,61 +66,6 @@ VCPU_KICK_SIGNAL = signal.SIGRTMIN
 
 #: The MP table (and so an x86 VM) addresses at most this many vCPUs.
 MAX_VCPUS = 254
-
-
-class VmRunState(enum.Enum):
-    """What the VM wants its vCPUs to do when they next leave KVM_RUN."""
-
-    RUNNING = "running"
-    SUSPENDING = "suspending"
-    EXITING = "exiting"
-
-
-class VcpuRunState:
-    """A :class:`VmRunState` shared by the VM and its vCPUs, under a condition variable.
-
-    Besides the state it counts the vCPUs parked by a suspension, so a pauser can wait until
-    every vCPU has really stopped.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._state = VmRunState.RUNNING
-        self._parked = 0
-
-    @property
-    def state(self) -> VmRunState:
-        """The current state (a plain read: the condition guards changes, not this snapshot)."""
-        return self._state
-
-    @property
-    def parked(self) -> int:
-        """How many vCPUs are waiting in :meth:`park`."""
-        return self._parked
-
-    def set_and_notify(self, state: VmRunState) -> None:
-        """Set the state and wake every waiter."""
-        with self._cond:
-            self._state = state
-            self._cond.notify_all()
-
-    def wait_until(self, predicate: Callable[[VcpuRunState], bool],
-                   timeout: float | None = None) -> bool:
-        """Block until ``predicate(self)`` holds (re-checked on every notify); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self), timeout)
-
-    def park(self) -> VmRunState:
-        """Called by a vCPU: wait while the state is SUSPENDING, then return the new state."""
-        with self._cond:
-            self._parked += 1
-            self._cond.notify_all()
-            try:
-                while self._state is VmRunState.SUSPENDING:
-                    self._cond.wait()
-            finally:
-                self._parked -= 1
-            return self._state
 
 
 def _kick_handler(signum: int, frame: FrameType | None) -> None:
@@ -224,23 +169,36 @@ class VcpuConfigList:
 
 @runtime_checkable
 class Vcpu(Protocol):
-    """The contract of a vCPU as a VM drives it."""
+    """The contract of a vCPU as a VM's lifecycle drives it (see :class:`kvmlib.lifecycle.Lifecycle`).
+
+    A vCPU is created with the VM's barrier and :class:`VcpuRunState`. Its :meth:`run` is called
+    once, on the vCPU's own thread; every other method may be called from any thread.
+    """
 
     @property
     def id(self) -> int:
         """The vCPU id."""
 
     def run(self, instruction_pointer: GuestAddress | None = None) -> None:
-        """Run the exit loop in the calling thread until the vCPU stops."""
+        """Run the guest on the calling thread until it stops or the run state says EXITING.
+
+        Waits on the VM's barrier first (returning at once if the barrier is broken). Whenever it
+        is kicked it consults the run state soon: it calls :meth:`VcpuRunState.park` while the
+        state is SUSPENDING, and returns when it is EXITING. An exception ends the vCPU; the VM
+        records it and raises it from its owner's ``shutdown()`` / ``wait()`` / ``close()``.
+        """
 
     def kick(self) -> None:
-        """Make the vCPU leave KVM_RUN soon and consult the run state."""
+        """Make :meth:`run` consult the run state soon; never blocks.
+
+        Safe at any time: before :meth:`run`, after it returned, and after :meth:`close`.
+        """
 
     def get_regs(self) -> kvm_regs:
         """The general-purpose registers (only while the vCPU is not running)."""
 
     def close(self) -> None:
-        """Release the vCPU's resources."""
+        """Release the vCPU's resources (called once its thread has ended); idempotent."""
 
 
 class KvmVcpu:
@@ -268,6 +226,7 @@ class KvmVcpu:
         #: The exit that ended the loop normally (Hlt, Shutdown or SystemEvent), if one did.
         self.exit_reason: VcpuExit | None = None
         self._kick_lock = threading.Lock()
+        self._closed = False
         self._thread_ident: int | None = None
         self.vcpu_fd = vm_fd.create_vcpu(config.id)
         # Guests with AMX or other large XSAVE features need more than struct kvm_xsave's 4 KiB.
@@ -314,6 +273,9 @@ class KvmVcpu:
             KvmIoctlError: a GET ioctl failed, or fewer MSRs than the saveable list were read.
         """
         fd = self.vcpu_fd
+        # MP state first, as Firecracker does: reading it lets KVM complete a pending INIT/SIPI,
+        # which rewrites the registers read below.
+        mp_state = fd.get_mp_state().mp_state
         cpuid = fd.get_cpuid2()
         entries = b"".join(bytes(cpuid.entries[i]) for i in range(cpuid.nent))
         if self._xsave_size > ctypes.sizeof(kvm_xsave):
@@ -321,7 +283,7 @@ class KvmVcpu:
         else:
             xsave = bytes(fd.get_xsave())
         return VcpuState(
-            id=self.id, cpuid=entries, mp_state=fd.get_mp_state().mp_state,
+            id=self.id, cpuid=entries, mp_state=mp_state,
             regs=bytes(fd.get_regs()), sregs=bytes(fd.get_sregs()), xsave=xsave,
             xcrs=bytes(fd.get_xcrs()), debugregs=bytes(fd.get_debugregs()),
             lapic=bytes(fd.get_lapic()), msrs=tuple(fd.get_msrs(self.config.msrs).items()),
@@ -364,12 +326,16 @@ class KvmVcpu:
     def kick(self) -> None:
         """Set ``immediate_exit`` and signal the vCPU's thread, if it is in its loop.
 
-        ``immediate_exit`` covers a vCPU that is between two KVM_RUNs when the signal lands.
+        ``immediate_exit`` covers a vCPU that is between two KVM_RUNs when the signal lands. A
+        no-op once the vCPU is closed.
         """
-        self.vcpu_fd.set_immediate_exit(True)
         with self._kick_lock:
             # Holding the lock keeps the thread alive (it clears the ident under the same lock
-            # before it ends), so the pthread id cannot be stale.
+            # before it ends), so the pthread id cannot be stale, and keeps close() from unmapping
+            # kvm_run under the write.
+            if self._closed:
+                return
+            self.vcpu_fd.set_immediate_exit(True)
             if self._thread_ident is not None:
                 signal.pthread_kill(self._thread_ident, VCPU_KICK_SIGNAL)
 
@@ -451,8 +417,10 @@ class KvmVcpu:
                          rip=rip)
 
     def close(self) -> None:
-        """Close the vCPU fd and unmap its ``kvm_run``."""
-        self.vcpu_fd.close()
+        """Close the vCPU fd and unmap its ``kvm_run``; idempotent."""
+        with self._kick_lock:
+            self._closed = True
+            self.vcpu_fd.close()
 
 
 # KVM_INTERNAL_ERROR_* suberrors, as <linux/kvm.h> names them.

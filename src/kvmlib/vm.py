@@ -10,9 +10,7 @@ and joins every thread. :meth:`KvmVm.pause` / :meth:`KvmVm.resume` finish what t
 from __future__ import annotations
 
 import ctypes
-import enum
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -23,7 +21,7 @@ from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
 from kvmlib.arch.x86_64.mptable import MpTable
 from kvmlib.bus import IoManager
 from kvmlib.dirty import DirtyBitmap, DirtyTracker
-from kvmlib.errors import SnapshotError, VcpuError, VmError
+from kvmlib.errors import SnapshotError, VmError
 from kvmlib.exit_handler import ExitHandler
 from kvmlib.ioctl import (
     KVM_CLOCK_REALTIME,
@@ -40,17 +38,17 @@ from kvmlib.ioctl import (
     kvm_regs,
     kvm_sregs,
 )
+from kvmlib.lifecycle import Lifecycle
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory_image import MemoryImage, layout_of
 from kvmlib.resources import Closeable
+from kvmlib.runstate import LifecycleState, VcpuRunState
 from kvmlib.state import DeviceState, VmState
 from kvmlib.vcpu import (
     MAX_VCPUS,
     KvmVcpu,
     VcpuConfig,
     VcpuConfigList,
-    VcpuRunState,
-    VmRunState,
     setup_signal_handler,
 )
 
@@ -121,40 +119,37 @@ class Snapshot(Closeable):
 
 @runtime_checkable
 class Vm(Protocol):
-    """The contract of a VM: a lifecycle callers can drive without knowing the backend."""
+    """The contract of a VM: a lifecycle callers can drive without knowing the backend.
+
+    Every method may be called from any thread, any number of times; see
+    :data:`kvmlib.lifecycle.CALLS` for which is allowed in which :class:`LifecycleState`.
+    """
 
     @property
     def vcpu_run_state(self) -> VcpuRunState:
-        """The run state shared with the vCPUs."""
+        """The run state shared with the vCPUs (it holds the lifecycle state)."""
 
-    def run(self, vcpu_run_addr: GuestAddress | None = None) -> None:
+    @property
+    def lifecycle(self) -> LifecycleState:
+        """Where the VM is in its lifecycle."""
+
+    def run(self, vcpu_run_addr: GuestAddress | int | None = None) -> None:
         """Start every vCPU in its own thread and return."""
 
-    def pause(self) -> None:
+    def pause(self, timeout: float | None = None) -> None:
         """Stop every vCPU and return once all are parked."""
 
     def resume(self) -> None:
         """Let parked vCPUs continue where they stopped."""
 
     def shutdown(self) -> None:
-        """Stop every vCPU and join its thread."""
+        """Stop every vCPU and join its thread (only ask, on a vCPU thread)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every vCPU thread has ended."""
 
     def close(self) -> None:
         """Release every resource."""
-
-
-class _Phase(enum.Enum):
-    """Where the VM is in its one-way lifecycle.
-
-    The reference keeps either a vCPU list or a thread-handle list and calls for a better
-    abstraction; here the vCPUs always stay with the VM and the phase says what may be done with
-    them: configure and inspect while CREATED, drive while STARTED, only inspect and close after.
-    """
-
-    CREATED = "created"
-    STARTED = "started"
-    STOPPED = "stopped"
-    CLOSED = "closed"
 
 
 #: Dirty-tracking readers of a VM (see :class:`kvmlib.dirty.DirtyTracker`).
@@ -166,7 +161,11 @@ class KvmVm(Closeable):
     """A KVM virtual machine; create it with :meth:`new` or :meth:`from_state`.
 
     Use it as a context manager. Guest memory stays the caller's: the VM registers it with KVM
-    but does not close it.
+    but does not close it. While the VM exists, closing the memory only makes it unusable to the
+    caller: the unmap waits until the VM is closed, so the guest never reaches freed host memory.
+
+    Every method may be called from any thread; :data:`kvmlib.lifecycle.CALLS` says which is
+    allowed in which :attr:`lifecycle` state.
     """
 
     def __init__(self, fd: VmFd, config: VmConfig, exit_handler: ExitHandler,
@@ -176,14 +175,13 @@ class KvmVm(Closeable):
         self.guest_memory = guest_memory
         self.config = config
         self.exit_handler = exit_handler
-        self.vcpu_run_state = VcpuRunState()
-        self.vcpu_barrier = threading.Barrier(config.num_vcpus)
+        self._life = Lifecycle(config.num_vcpus, exit_handler)
+        #: The run state shared with the vCPUs; it holds the :attr:`lifecycle` state.
+        self.vcpu_run_state = self._life.run_state
+        #: Passed by every vCPU before its first KVM_RUN.
+        self.vcpu_barrier = self._life.barrier
         self._vcpus: list[KvmVcpu] = []
-        self._threads: list[threading.Thread] = []
-        self._phase = _Phase.CREATED
-        self._lock = threading.Lock()
-        self._errors: list[tuple[int, BaseException]] = []
-        self._errors_raised = False
+        guest_memory.acquire()
         #: Where the vCPUs send port and MMIO exits (set by :meth:`create_vcpus`).
         self.bus: IoManager | None = None
         self.dirty_tracker = DirtyTracker(guest_memory.regions, self._fetch_dirty_log)
@@ -243,9 +241,8 @@ class KvmVm(Closeable):
         Snapshots and fast reset track dirty pages separately, so calling this does not disturb
         them.
         """
-        if self._phase is _Phase.CLOSED:
-            raise VmError("the VM is closed")
-        return self.dirty_tracker.take(USER_DIRTY_CURSOR)
+        with self._life.holding("dirty pages", "read dirty pages"):
+            return self.dirty_tracker.take(USER_DIRTY_CURSOR)
 
     def setup_irq_controller(self) -> None:
         """The TSS and identity-map pages, then the in-kernel irqchip and PIT.
@@ -261,12 +258,15 @@ class KvmVm(Closeable):
     def create_vcpus(self, bus: IoManager, vcpus_config: VcpuConfigList,
                      memory: GuestMemoryMmap, state: VmState | None = None) -> None:
         """Create every vCPU, in its boot state or in its state from ``state``."""
-        self._require(_Phase.CREATED, "create vCPUs")
-        self.bus = bus
-        for config in vcpus_config:
-            saved = state.vcpus[config.id] if state is not None else None
-            self._vcpus.append(KvmVcpu(self.fd, bus, config, self.config.num_vcpus,
-                                       self.vcpu_barrier, self.vcpu_run_state, memory, saved))
+        with self._life.holding("run", "create vCPUs"):
+            if self._vcpus:
+                raise VmError("the vCPUs were already created")
+            self.bus = bus
+            for config in vcpus_config:
+                saved = state.vcpus[config.id] if state is not None else None
+                self._vcpus.append(KvmVcpu(self.fd, bus, config, self.config.num_vcpus,
+                                           self.vcpu_barrier, self.vcpu_run_state, memory, saved))
+            self._life.attach(self._vcpus)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -295,35 +295,29 @@ class KvmVm(Closeable):
             raise
         return vm
 
-    def _require_quiescent(self, action: str) -> None:
-        if self._phase is _Phase.CREATED or self.paused:
-            return
-        if self._phase is _Phase.STARTED:
-            raise VmError(f"cannot {action}: the VM is running; pause() it first")
-        raise VmError(f"cannot {action}: the VM is {self._phase.value}")
-
     def save_state(self) -> VmState:
         """The whole VM state, while paused (or before :meth:`run`).
 
         Raises:
-            VmError: the VM is running, stopped or closed.
+            VmError: the VM is running, pausing or stopped.
+            ClosedError: the VM is closed.
             KvmIoctlError: KVM refused a GET ioctl (including a short MSR read).
         """
-        self._require_quiescent("save the state")
-        if self.bus is None or len(self._vcpus) != self.config.num_vcpus:
-            raise VmError("cannot save the state of a VM whose vCPUs were not all created")
-        clock = self.fd.get_clock()
-        # KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME; the other flags describe the host.
-        clock.flags &= KVM_CLOCK_REALTIME
-        return VmState(
-            memory=layout_of(self.guest_memory),
-            vcpus=[vcpu.save_state() for vcpu in self._vcpus],
-            pit2=bytes(self.fd.get_pit2()), clock=bytes(clock),
-            pic_master=bytes(self.fd.get_irqchip(KVM_IRQCHIP_PIC_MASTER)),
-            pic_slave=bytes(self.fd.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)),
-            ioapic=bytes(self.fd.get_irqchip(KVM_IRQCHIP_IOAPIC)),
-            devices=[DeviceState(space, base, type(device).__qualname__, device.save_state())
-                     for (space, base), device in self.bus.stateful_devices().items()])
+        with self._life.holding("save", "save the state"):
+            if self.bus is None or len(self._vcpus) != self.config.num_vcpus:
+                raise VmError("cannot save the state of a VM whose vCPUs were not all created")
+            clock = self.fd.get_clock()
+            # KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME; the other flags describe the host.
+            clock.flags &= KVM_CLOCK_REALTIME
+            return VmState(
+                memory=layout_of(self.guest_memory),
+                vcpus=[vcpu.save_state() for vcpu in self._vcpus],
+                pit2=bytes(self.fd.get_pit2()), clock=bytes(clock),
+                pic_master=bytes(self.fd.get_irqchip(KVM_IRQCHIP_PIC_MASTER)),
+                pic_slave=bytes(self.fd.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)),
+                ioapic=bytes(self.fd.get_irqchip(KVM_IRQCHIP_IOAPIC)),
+                devices=[DeviceState(space, base, type(device).__qualname__, device.save_state())
+                         for (space, base), device in self.bus.stateful_devices().items()])
 
     def _restore_vm_state(self, state: VmState) -> None:
         self.fd.set_pit2(kvm_pit_state2.from_buffer_copy(state.pit2))
@@ -337,12 +331,13 @@ class KvmVm(Closeable):
         From here on the VM tracks the pages written in regions created with ``log_dirty_pages``,
         so that resetting to this snapshot copies back only those.
         """
-        state = self.save_state()
-        self.dirty_tracker.start(RESET_DIRTY_CURSOR)
-        image = MemoryImage.capture(self.guest_memory)
-        snap = Snapshot(state, image)
-        self._synced = snap
-        return snap
+        with self._life.holding("save", "take a snapshot"):
+            state = self.save_state()
+            self.dirty_tracker.start(RESET_DIRTY_CURSOR)
+            image = MemoryImage.capture(self.guest_memory)
+            snap = Snapshot(state, image)
+            self._synced = snap
+            return snap
 
     def reset_to(self, snapshot: Snapshot) -> int:
         """Put memory, vCPUs, in-kernel devices and bus devices back to ``snapshot``, while paused.
@@ -356,30 +351,32 @@ class KvmVm(Closeable):
             How many pages were copied.
 
         Raises:
-            VmError: the VM is running, stopped or closed.
+            VmError: the VM is running, pausing or stopped.
+            ClosedError: the VM is closed.
             SnapshotError: the snapshot belongs to a VM of another shape.
         """
-        self._require_quiescent("reset")
-        _check_fits(snapshot.state, self.guest_memory, self.bus)
-        if snapshot.state.num_vcpus != len(self._vcpus):
-            raise SnapshotError(f"the snapshot has {snapshot.state.num_vcpus} vCPUs, the VM "
-                                f"{len(self._vcpus)}")
-        incremental = self._synced is snapshot and self.dirty_tracker.tracking(RESET_DIRTY_CURSOR)
-        dirty = {d.slot: d for d in self.dirty_tracker.take(RESET_DIRTY_CURSOR)} \
-            if incremental else {}
-        copied = 0
-        for slot in range(len(self.guest_memory.regions)):
-            runs = dirty[slot].runs() if slot in dirty else None
-            copied += snapshot.memory.copy_to(self.guest_memory, slot, runs)
-        if not incremental:
-            self.dirty_tracker.start(RESET_DIRTY_CURSOR)
-            self._synced = snapshot
-        self._restore_vm_state(snapshot.state)
-        for vcpu, saved in zip(self._vcpus, snapshot.state.vcpus, strict=True):
-            vcpu.restore_state(saved)
-        if self.bus is not None:
-            _restore_devices(snapshot.state, self.bus)
-        return copied
+        with self._life.holding("save", "reset"):
+            _check_fits(snapshot.state, self.guest_memory, self.bus)
+            if snapshot.state.num_vcpus != len(self._vcpus):
+                raise SnapshotError(f"the snapshot has {snapshot.state.num_vcpus} vCPUs, the VM "
+                                    f"{len(self._vcpus)}")
+            incremental = self._synced is snapshot and self.dirty_tracker.tracking(
+                RESET_DIRTY_CURSOR)
+            dirty = {d.slot: d for d in self.dirty_tracker.take(RESET_DIRTY_CURSOR)} \
+                if incremental else {}
+            copied = 0
+            for slot in range(len(self.guest_memory.regions)):
+                runs = dirty[slot].runs() if slot in dirty else None
+                copied += snapshot.memory.copy_to(self.guest_memory, slot, runs)
+            if not incremental:
+                self.dirty_tracker.start(RESET_DIRTY_CURSOR)
+                self._synced = snapshot
+            self._restore_vm_state(snapshot.state)
+            for vcpu, saved in zip(self._vcpus, snapshot.state.vcpus, strict=True):
+                vcpu.restore_state(saved)
+            if self.bus is not None:
+                _restore_devices(snapshot.state, self.bus)
+            return copied
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -389,174 +386,124 @@ class KvmVm(Closeable):
         return tuple(self._vcpus)
 
     @property
+    def lifecycle(self) -> LifecycleState:
+        """Where the VM is in its lifecycle (a snapshot: another thread may change it next)."""
+        return self._life.state
+
+    @property
     def running(self) -> bool:
-        """Whether the vCPU threads have been started and not yet shut down."""
-        return self._phase is _Phase.STARTED
-
-    def _require(self, phase: _Phase, action: str) -> None:
-        if self._phase is not phase:
-            raise VmError(f"cannot {action}: the VM is {self._phase.value}")
-
-    def run(self, vcpu_run_addr: GuestAddress | None = None) -> None:
-        """Start one thread per vCPU, named ``vcpu_{id}``, and return at once.
-
-        Args:
-            vcpu_run_addr: where every vCPU starts; None keeps the RIP already set.
-        """
-        with self._lock:
-            self._require(_Phase.CREATED, "run")
-            if len(self._vcpus) != self.config.num_vcpus:
-                raise VmError(f"{len(self._vcpus)} vCPUs were created but the configuration "
-                              f"asks for {self.config.num_vcpus}")
-            setup_signal_handler()
-            self._phase = _Phase.STARTED
-            for vcpu in self._vcpus:
-                thread = threading.Thread(target=self._vcpu_thread, args=(vcpu, vcpu_run_addr),
-                                          name=f"vcpu_{vcpu.id}", daemon=True)
-                try:
-                    thread.start()
-                except BaseException:
-                    # The started vCPUs would wait on the barrier forever.
-                    self.vcpu_barrier.abort()
-                    raise
-                self._threads.append(thread)
-
-    def _vcpu_thread(self, vcpu: KvmVcpu, vcpu_run_addr: GuestAddress | None) -> None:
-        # The reference's order: run the vCPU, kick the exit handler, then mark the VM exiting.
-        try:
-            vcpu.run(vcpu_run_addr)
-        except BaseException as e:
-            log.debug("vCPU %d failed", vcpu.id, exc_info=True)
-            self._errors.append((vcpu.id, e))
-        try:
-            self.exit_handler.kick()
-        except BaseException as e:
-            self._errors.append((vcpu.id, e))
-        self.vcpu_run_state.set_and_notify(VmRunState.EXITING)
-
-    def _kick_all(self) -> None:
-        for vcpu in self._vcpus:
-            vcpu.kick()
-
-    def pause(self) -> None:
-        """Stop every vCPU where it is; return once all are parked (a ``todo!()`` in the reference).
-
-        Raises:
-            VmError: the VM is not running, or it began exiting while pausing.
-        """
-        self._require(_Phase.STARTED, "pause")
-        state = self.vcpu_run_state
-        before = state.state
-        if before is VmRunState.EXITING:
-            raise VmError("cannot pause: the VM is exiting")
-        state.set_and_notify(VmRunState.SUSPENDING)
-        self._kick_all()
-        alive = sum(t.is_alive() for t in self._threads)
-        state.wait_until(lambda s: s.state is VmRunState.EXITING or s.parked >= alive)
-        if state.state is VmRunState.EXITING:
-            raise VmError("the VM began exiting while it was being paused")
-
-    def resume(self) -> None:
-        """Let paused vCPUs continue exactly where they stopped."""
-        self._require(_Phase.STARTED, "resume")
-        state = self.vcpu_run_state
-        if state.state is not VmRunState.SUSPENDING:
-            raise VmError(f"cannot resume: the VM is not paused but {state.state.value}")
-        state.set_and_notify(VmRunState.RUNNING)
+        """Whether the vCPU threads have been started and the VM is not stopping."""
+        return self._life.state in _LIVE
 
     @property
     def paused(self) -> bool:
-        """Whether :meth:`pause` has returned and :meth:`resume` not yet been called."""
-        return self._phase is _Phase.STARTED and self.vcpu_run_state.state is VmRunState.SUSPENDING
+        """Whether every vCPU is parked by :meth:`pause` (and :meth:`resume` not yet called)."""
+        return self._life.state is LifecycleState.PAUSED
+
+    def run(self, vcpu_run_addr: GuestAddress | int | None = None) -> None:
+        """Start one thread per vCPU, named ``vcpu_{id}``, and return at once.
+
+        Args:
+            vcpu_run_addr: where every vCPU starts (64-bit boot registers); None keeps the
+                registers already set.
+
+        Raises:
+            VmError: the VM was already started, or not every vCPU was created.
+        """
+        setup_signal_handler()
+        self._life.run(vcpu_run_addr)
+
+    def pause(self, timeout: float | None = None) -> None:
+        """Stop every vCPU where it is; return once all are parked (a ``todo!()`` in the reference).
+
+        Pausing a paused VM returns at once; a call racing another thread's pause waits for it.
+
+        Args:
+            timeout: give up after this many seconds (the VM then runs on); None waits as long
+                as the vCPUs take to reach the kick (only a blocking device handler delays them).
+
+        Raises:
+            VmError: the VM is not running, the call was made on a vCPU thread, the VM began
+                stopping before every vCPU parked, or the timeout passed.
+        """
+        self._life.pause(timeout)
+
+    def resume(self) -> None:
+        """Let paused vCPUs continue exactly where they stopped; a no-op while running.
+
+        Raises:
+            VmError: the VM is not started, a pause is still in progress, or it is stopping.
+        """
+        self._life.resume()
 
     def shutdown(self) -> None:
-        """Stop every vCPU and join its thread; idempotent and safe from any thread.
+        """Stop every vCPU and join its thread; idempotent, from any thread.
+
+        On a vCPU thread (a device or the exit handler deciding the guest is done) it only tells
+        every vCPU to stop and returns; the owner's :meth:`shutdown`, :meth:`wait` or
+        :meth:`close` does the joining.
 
         Raises:
             VcpuError: a vCPU thread failed (raised once, by the first call that sees it).
         """
-        with self._lock:
-            if self._phase is _Phase.STARTED:
-                self._phase = _Phase.STOPPED
-        self.vcpu_run_state.set_and_notify(VmRunState.EXITING)
-        # vCPUs still waiting for their peers would wait forever.
-        self.vcpu_barrier.abort()
-        self._kick_all()
-        me = threading.current_thread()
-        for thread in self._threads:
-            if thread is not me:
-                thread.join()
-        self._raise_errors()
+        self._life.shutdown()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU thread has ended; True if they have, False on timeout.
 
         Raises:
+            VmError: called on a vCPU thread.
             VcpuError: a vCPU thread failed (raised once).
         """
-        finished = self.vcpu_run_state.wait_until(
-            lambda _s: not any(t.is_alive() for t in self._threads), timeout)
-        if finished:
-            for thread in self._threads:
-                thread.join()
-        self._raise_errors()
-        return finished
+        return self._life.wait(timeout)
 
     @property
     def errors(self) -> list[tuple[int, BaseException]]:
         """Every ``(vcpu_id, exception)`` a vCPU thread ended with."""
-        return list(self._errors)
-
-    def _raise_errors(self) -> None:
-        if self._errors and not self._errors_raised:
-            self._errors_raised = True
-            vcpu_id, first = self._errors[0]
-            more = f" (and {len(self._errors) - 1} more; see KvmVm.errors)" if len(
-                self._errors) > 1 else ""
-            # A VcpuError already names its vCPU and says what happened.
-            text = str(first) if isinstance(first, VcpuError) else f"vCPU {vcpu_id} failed: {first!r}"
-            raise VcpuError(f"{text}{more}", vcpu_id=vcpu_id,
-                            exit=getattr(first, "exit", None),
-                            rip=getattr(first, "rip", None)) from first
+        return self._life.errors
 
     # ---- inspection -----------------------------------------------------------------------------
 
-    def _stopped_vcpu(self, index: int) -> KvmVcpu:
-        if self._phase is _Phase.STARTED and not self.paused:
-            raise VmError("vCPU registers can be read only while the VM is paused or not running")
-        if self._phase is _Phase.CLOSED:
-            raise VmError("the VM is closed")
+    def _vcpu(self, index: int) -> KvmVcpu:
         try:
             return self._vcpus[index]
-        except IndexError:
-            raise VmError(f"no vCPU {index}: the VM has {len(self._vcpus)}") from None
+        except (IndexError, TypeError):
+            raise VmError(f"no vCPU {index!r}: the VM has {len(self._vcpus)}") from None
 
     def vcpu_regs(self, index: int) -> kvm_regs:
         """VCPU ``index``'s general registers, while paused, before :meth:`run` or after shutdown."""
-        return self._stopped_vcpu(index).get_regs()
+        with self._life.holding("inspect", "read vCPU registers"):
+            return self._vcpu(index).get_regs()
 
     def vcpu_sregs(self, index: int) -> kvm_sregs:
         """VCPU ``index``'s special registers, under the same conditions as :meth:`vcpu_regs`."""
-        return self._stopped_vcpu(index).get_sregs()
+        with self._life.holding("inspect", "read vCPU registers"):
+            return self._vcpu(index).get_sregs()
 
     # ---- resources ------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Shut down if running, then close every vCPU and the VM fd. Idempotent.
 
-        A vCPU failure not yet reported is raised here, after everything is released.
+        A vCPU failure not yet reported is raised here, after everything is released. Guest
+        memory closed while the VM existed is unmapped now.
+
+        Raises:
+            VmError: called on one of the VM's vCPU threads (call :meth:`shutdown` there).
         """
-        if self._phase is _Phase.CLOSED:
-            return
+        self._life.close(self._release)
+
+    def _release(self) -> None:
         try:
-            if self._threads:
-                self.shutdown()
-        finally:
-            self._phase = _Phase.CLOSED
             for vcpu in self._vcpus:
                 vcpu.close()
             self.fd.close()
+        finally:
+            # Only now that KVM no longer maps it may the memory go.
+            self.guest_memory.release()
 
+
+_LIVE = frozenset({LifecycleState.RUNNING, LifecycleState.PAUSING, LifecycleState.PAUSED})
 
 
 def _check_fits(state: VmState, memory: GuestMemoryMmap, bus: IoManager | None) -> None:
