@@ -113,17 +113,17 @@ class Ports:
 
 def _memory(size: int, code: bytes, *, log_dirty_pages: bool = False) -> GuestMemoryMmap:
     memory = GuestMemoryMmap.from_ranges([(0, size)], log_dirty_pages=log_dirty_pages)
-    memory.write(code, GuestAddress(CODE))
+    memory.write(GuestAddress(CODE), code)
     return memory
 
 
 def _to_ring3(vm: KvmVm, memory: GuestMemoryMmap) -> None:
     """Every vCPU runnable at CODE in ring 3 with IOPL 3, on user-accessible identity tables."""
     user = 0x4
-    memory.write_u64(0xA000 | 0x23 | user, 0x9000)
-    memory.write_u64(0xB000 | 0x23 | user, 0xA000)
+    memory.write_u64(0x9000, 0xA000 | 0x23 | user)
+    memory.write_u64(0xA000, 0xB000 | 0x23 | user)
     for i in range(512):
-        memory.write_u64((i << 21) | 0xE3 | user, 0xB000 + 8 * i)
+        memory.write_u64(0xB000 + 8 * i, (i << 21) | 0xE3 | user)
     for vcpu in vm.vcpus:
         fd = vcpu.vcpu_fd
         sregs = fd.get_sregs()
@@ -298,7 +298,7 @@ def _dense_memory(size: int, *, log_dirty_pages: bool = False) -> GuestMemoryMma
     memory = GuestMemoryMmap.from_ranges([(0, size)], log_dirty_pages=log_dirty_pages)
     block = random.Random(1).randbytes(1 << 20)
     for off in range(0, size, 1 << 20):
-        memory.write(block, off)
+        memory.write(off, block)
     return memory
 
 
@@ -343,7 +343,7 @@ def case_reset(s: Settings, ctx: Context) -> list[Result]:
         for _ in range(s.reps):
             for frac, row in rows.items():
                 for page in picker.sample(range(pages), int(pages * frac / 100)):
-                    memory.write(b"\xff", page * 4096)
+                    memory.write(page * 4096, b"\xff")
                 t0 = time.perf_counter()
                 vm.reset_to(snap)
                 row.kvmlib.add((time.perf_counter() - t0) * 1e3)

@@ -16,7 +16,7 @@ def real_mode_vcpu(vm: VmFd, memory: GuestMemoryMmap, code: bytes, vcpu_id: int 
     for slot, region in enumerate(memory.regions):
         vm.set_user_memory_region(slot, int(region.start_addr), region.size, region.host_address,
                                   region.flags)
-    memory.write(code, GuestAddress(CODE_ADDR))
+    memory.write(GuestAddress(CODE_ADDR), code)
     vcpu = vm.create_vcpu(vcpu_id)
     sregs = vcpu.get_sregs()
     # Flat real mode: every segment's base 0, so guest addresses are physical addresses.

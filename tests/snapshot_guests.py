@@ -132,5 +132,5 @@ def counting_bus(counter: Counter, tape: Tape | None = None) -> IoManager:
 
 def memory_with(code: bytes, *, log_dirty_pages: bool = False) -> GuestMemoryMmap:
     memory = GuestMemoryMmap.from_ranges([(0, RAM_SIZE)], log_dirty_pages=log_dirty_pages)
-    memory.write(code, CODE)
+    memory.write(CODE, code)
     return memory

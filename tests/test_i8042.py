@@ -101,7 +101,7 @@ def test_a_guest_reset_ends_the_vm_cleanly(kvm: Kvm) -> None:
     handler = EventExitHandler()
     bus = IoManager()
     with GuestMemoryMmap.from_ranges([(0, 2 << 20)]) as memory:
-        memory.write(RESET_GUEST, GuestAddress(0x10000))
+        memory.write(GuestAddress(0x10000), RESET_GUEST)
         with KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, handler, bus) as vm:
             def reset() -> None:
                 # What a VMM does: mark the VM exiting and wake its owner; the owner shuts it down.

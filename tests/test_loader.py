@@ -215,7 +215,7 @@ def test_real_bzimage_kernel_lands_at_its_preferred_address_byte_for_byte(real: 
     assert real.kernel.load_addr == pref_address
     assert real.kernel.entry == pref_address + 0x200
     assert real.kernel.load_end == pref_address + init_size
-    assert real.memory.read(syssize * 16, pref_address) == img[start:start + syssize * 16]
+    assert real.memory.read(pref_address, syssize * 16) == img[start:start + syssize * 16]
 
 
 def test_real_zero_page_holds_the_header_cmdline_and_loader_fields(real: RealBoot) -> None:
@@ -237,7 +237,7 @@ def test_real_zero_page_holds_the_header_cmdline_and_loader_fields(real: RealBoo
     assert hdr.code32_start == real.kernel.load_addr
     assert hdr.cmd_line_ptr == CMDLINE_START
     cmdline = RealBoot.CMDLINE.encode()
-    assert real.memory.read(len(cmdline) + 1, hdr.cmd_line_ptr) == cmdline + b"\0"
+    assert real.memory.read(hdr.cmd_line_ptr, len(cmdline) + 1) == cmdline + b"\0"
     assert zp.sentinel == 0  # a clean buffer: only the header was copied
     assert real.boot.mode is BootMode.LINUX_64
     assert (real.boot.rip, real.boot.rsi, real.boot.rbx) == (real.kernel.entry, ZERO_PAGE_START, 0)
@@ -252,7 +252,7 @@ def test_real_initrd_is_page_aligned_high_below_its_limit_and_intact(real: RealB
     assert addr + size - 1 <= real.kernel.initrd_addr_max
     # As high as possible: the next page up would run past the end of RAM.
     assert addr + size <= 256 * MIB < addr + 4096 + size
-    assert real.memory.read(size, addr) == real.initrd
+    assert real.memory.read(addr, size) == real.initrd
 
 
 def test_real_zero_page_e820_map_for_256_mib(real: RealBoot) -> None:
@@ -342,7 +342,7 @@ def test_a_synthetic_bzimage_loads_its_kernel_at_pref_address(memory: GuestMemor
     kernel = load_kernel(memory, bzimage(payload, pref_address=0x200000, init_size=0x100000))
     assert (kernel.kind, kernel.load_addr, kernel.entry) == (KernelKind.BZIMAGE, 0x200000, 0x200200)
     assert kernel.load_end == 0x300000
-    assert memory.read(len(payload), 0x200000) == payload
+    assert memory.read(0x200000, len(payload)) == payload
 
 
 def test_a_pref_address_below_1_mib_loads_at_1_mib(memory: GuestMemoryMmap) -> None:
@@ -354,7 +354,7 @@ def test_setup_sects_0_means_4(memory: GuestMemoryMmap) -> None:
     image = bzimage(b"KERNEL!!" * 2, setup_sects=0)
     assert len(image) == 5 * 512 + 16
     load_kernel(memory, image)
-    assert memory.read(16, 0x100000) == b"KERNEL!!" * 2
+    assert memory.read(0x100000, 16) == b"KERNEL!!" * 2
 
 
 def test_a_kernel_file_is_read_from_a_path(memory: GuestMemoryMmap, tmp_path: Path) -> None:
@@ -362,7 +362,7 @@ def test_a_kernel_file_is_read_from_a_path(memory: GuestMemoryMmap, tmp_path: Pa
     path.write_bytes(bzimage(b"from a file!!!!!"))
     assert load_kernel(memory, path).kind is KernelKind.BZIMAGE
     assert load_kernel(memory, str(path)).kind is KernelKind.BZIMAGE
-    assert memory.read(16, 0x100000) == b"from a file!!!!!"
+    assert memory.read(0x100000, 16) == b"from a file!!!!!"
 
 
 @pytest.mark.parametrize(("image", "message"), [
@@ -389,10 +389,10 @@ def test_a_bad_bzimage_is_refused_with_the_reason(memory: GuestMemoryMmap, image
 
 def test_a_kernel_larger_than_guest_ram_is_refused_before_anything_is_written(
         memory: GuestMemoryMmap) -> None:
-    memory.write(b"\xaa" * 64, 0x100000)
+    memory.write(0x100000, b"\xaa" * 64)
     with pytest.raises(LoaderError, match=r"needs guest RAM \[0x100000, 0x1100000\).*at least 17 MiB"):
         load_kernel(memory, bzimage(b"\x90" * 64, init_size=16 * MIB, kernel_alignment=MIB))
-    assert memory.read(64, 0x100000) == b"\xaa" * 64
+    assert memory.read(0x100000, 64) == b"\xaa" * 64
 
 
 def test_an_image_file_larger_than_guest_memory_is_refused_unread(tmp_path: Path) -> None:
@@ -419,7 +419,7 @@ def test_an_unreadable_kernel_path_is_a_loader_error(memory: GuestMemoryMmap, tm
 def test_the_cmdline_may_be_exactly_cmdline_size_but_not_longer(memory: GuestMemoryMmap) -> None:
     kernel = load_kernel(memory, bzimage(cmdline_size=64))
     boot = configure_boot(memory, kernel, "a" * 64)
-    assert memory.read(65, CMDLINE_START) == b"a" * 64 + b"\0"
+    assert memory.read(CMDLINE_START, 65) == b"a" * 64 + b"\0"
     assert boot.cmdline == b"a" * 64
     with pytest.raises(LoaderError, match="command line is 65 bytes; this kernel's cmdline_size allows "
                                           "at most 64"):
@@ -446,7 +446,7 @@ def test_the_initrd_goes_as_high_as_initrd_addr_max_allows(memory: GuestMemoryMm
     assert boot.initrd_addr == 0x800000 - 0x7000  # 25600 bytes rounded up to 7 pages, ending at 8 MiB
     zp = memory.read_obj(ZERO_PAGE_START, boot_params)
     assert (zp.hdr.ramdisk_image, zp.hdr.ramdisk_size) == (0x800000 - 0x7000, 25600)
-    assert memory.read(len(initrd), 0x800000 - 0x7000) == initrd
+    assert memory.read(0x800000 - 0x7000, len(initrd)) == initrd
 
 
 def test_an_initrd_that_does_not_fit_is_refused(memory: GuestMemoryMmap) -> None:
@@ -461,7 +461,7 @@ def test_an_initrd_file_is_read_from_a_path(memory: GuestMemoryMmap, tmp_path: P
     kernel = load_kernel(memory, bzimage())
     boot = configure_boot(memory, kernel, "", tmp_path / "initrd")
     assert boot.initrd_addr is not None
-    assert memory.read(7000, boot.initrd_addr) == b"initrd!" * 1000
+    assert memory.read(boot.initrd_addr, 7000) == b"initrd!" * 1000
 
 
 def test_guest_memory_must_cover_low_memory(tmp_path: Path) -> None:
@@ -477,7 +477,7 @@ def test_guest_memory_must_cover_low_memory(tmp_path: Path) -> None:
 
 
 def test_an_elf_kernel_loads_its_segments_at_p_paddr_and_zeroes_bss(memory: GuestMemoryMmap) -> None:
-    memory.write(b"\xaa" * 0x3000, 0x200000)  # stale bytes where the bss goes
+    memory.write(0x200000, b"\xaa" * 0x3000)  # stale bytes where the bss goes
     text, data = b"\x90" * 100 + b"\xf4", b"DATA" * 16
     image = elf64([Segment(0x100000, text, vaddr=0xFFFFFFFF81000000),
                    Segment(0x200000, data, memsz=0x3000, vaddr=0xFFFFFFFF81100000)],
@@ -485,8 +485,8 @@ def test_an_elf_kernel_loads_its_segments_at_p_paddr_and_zeroes_bss(memory: Gues
     kernel = load_kernel(memory, image)
     assert (kernel.kind, kernel.entry, kernel.elf_entry) == (KernelKind.ELF, 0x100010, 0x100010)
     assert (kernel.load_addr, kernel.load_end, kernel.setup_header) == (0x100000, 0x203000, None)
-    assert memory.read(len(text), 0x100000) == text
-    assert memory.read(0x3000, 0x200000) == data + bytes(0x3000 - len(data))
+    assert memory.read(0x100000, len(text)) == text
+    assert memory.read(0x200000, 0x3000) == data + bytes(0x3000 - len(data))
 
 
 def test_a_virtual_elf_entry_point_is_translated_to_physical(memory: GuestMemoryMmap) -> None:
@@ -522,11 +522,11 @@ def test_a_pvh_boot_writes_start_info_with_cmdline_module_and_memory_map(memory:
     assert (boot.rip, boot.rbx, boot.rsi) == (0x100000, ZERO_PAGE_START, 0)
     info = memory.read_obj(ZERO_PAGE_START, hvm_start_info)
     assert (info.magic, info.version, info.flags, info.rsdp_paddr) == (0x336EC578, 1, 0, 0)
-    assert memory.read(13, info.cmdline_paddr) == b"console=hvc0\0"
+    assert memory.read(info.cmdline_paddr, 13) == b"console=hvc0\0"
     assert info.nr_modules == 1
     module = memory.read_obj(info.modlist_paddr, hvm_modlist_entry)
     assert (module.paddr, module.size) == (boot.initrd_addr, 5000)
-    assert memory.read(5000, module.paddr) == b"\x11" * 5000
+    assert memory.read(module.paddr, 5000) == b"\x11" * 5000
     table = memory.read_obj(info.memmap_paddr, hvm_memmap_table_entry * info.memmap_entries)
     assert [(e.addr, e.size, e.type, e.reserved) for e in table] == [
         (e.addr, e.size, e.type, 0) for e in build_e820(guest_ram_ranges(16 * MIB))]
@@ -586,7 +586,7 @@ def test_an_elf_segment_outside_ram_is_refused_before_any_segment_is_written(
     image = elf64([Segment(0x100000, b"first"), Segment(15 * MIB, b"x", memsz=2 * MIB)], 0x100000)
     with pytest.raises(LoaderError, match=r"PT_LOAD segment 1 .* needs guest RAM \[0xf00000, 0x1100000\)"):
         load_kernel(memory, image)
-    assert memory.read(5, 0x100000) == bytes(5)
+    assert memory.read(0x100000, 5) == bytes(5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -701,7 +701,7 @@ def _boot_and_collect(kvm: Kvm, image: bytes, expected: int) -> tuple[list[int],
         finally:
             vm.close()
         # The GDT the vCPU was given has the boot protocol's selectors.
-        gdt = struct.unpack("<4Q", memory.read(32, BOOT_GDT_OFFSET))
+        gdt = struct.unpack("<4Q", memory.read(BOOT_GDT_OFFSET, 32))
     assert (gdt[BOOT_CS // 8] >> 47) & 1 and (gdt[BOOT_DS // 8] >> 47) & 1  # both present
     return [value for _, value in reporter.writes], boot.mode, rsp, cr0
 

@@ -23,20 +23,20 @@ def memory() -> GuestMemoryMmap:
 
 def test_an_access_across_adjacent_regions_round_trips(memory: GuestMemoryMmap) -> None:
     data = bytes(range(256)) * 2
-    memory.write(data, GuestAddress(2 * PAGE - 100))
-    assert memory.read(len(data), GuestAddress(2 * PAGE - 100)) == data
+    memory.write(GuestAddress(2 * PAGE - 100), data)
+    assert memory.read(GuestAddress(2 * PAGE - 100), len(data)) == data
 
 
 @pytest.mark.parametrize("addr, size", [(3 * PAGE - 4, 8), (5 * PAGE - 4, 8), (5 * PAGE, 1),
                                         (2**64 - 1, 2), (10 * PAGE, 1)])
 def test_an_access_into_a_hole_or_past_the_end_raises_and_touches_nothing(
         memory: GuestMemoryMmap, addr: int, size: int) -> None:
-    before = [memory.read(PAGE, GuestAddress(a)) for a in (0, PAGE, 2 * PAGE, 4 * PAGE)]
+    before = [memory.read(GuestAddress(a), PAGE) for a in (0, PAGE, 2 * PAGE, 4 * PAGE)]
     with pytest.raises(GuestMemoryError):
-        memory.write(b"\xAA" * size, GuestAddress(addr))
+        memory.write(GuestAddress(addr), b"\xAA" * size)
     with pytest.raises(GuestMemoryError):
-        memory.read(size, GuestAddress(addr))
-    assert [memory.read(PAGE, GuestAddress(a)) for a in (0, PAGE, 2 * PAGE, 4 * PAGE)] == before
+        memory.read(GuestAddress(addr), size)
+    assert [memory.read(GuestAddress(a), PAGE) for a in (0, PAGE, 2 * PAGE, 4 * PAGE)] == before
 
 
 @pytest.mark.parametrize("ranges, message", [
@@ -53,26 +53,26 @@ def test_bad_layouts_are_rejected_with_a_clear_message(
 
 
 def test_integers_are_little_endian_and_range_checked(memory: GuestMemoryMmap) -> None:
-    memory.write_u32(0x11223344, GuestAddress(0x10))
-    assert memory.read(4, GuestAddress(0x10)) == bytes([0x44, 0x33, 0x22, 0x11])
+    memory.write_u32(GuestAddress(0x10), 0x11223344)
+    assert memory.read(GuestAddress(0x10), 4) == bytes([0x44, 0x33, 0x22, 0x11])
     assert memory.read_u16(GuestAddress(0x10)) == 0x3344
-    memory.write_u64(2**64 - 1, GuestAddress(0x20))
+    memory.write_u64(GuestAddress(0x20), 2**64 - 1)
     assert memory.read_u64(GuestAddress(0x20)) == 2**64 - 1
     with pytest.raises(GuestMemoryError, match="does not fit"):
-        memory.write_u8(256, GuestAddress(0))
+        memory.write_u8(GuestAddress(0), 256)
 
 
 def test_ctypes_objects_round_trip(memory: GuestMemoryMmap) -> None:
     class Pair(ctypes.Structure):
         _fields_ = [("a", ctypes.c_uint32), ("b", ctypes.c_uint64)]
 
-    memory.write_obj(Pair(7, 9), GuestAddress(0x100))
+    memory.write_obj(GuestAddress(0x100), Pair(7, 9))
     got = memory.read_obj(GuestAddress(0x100), Pair)
     assert (got.a, got.b) == (7, 9)
 
 
 def test_host_address_points_at_the_guest_bytes(memory: GuestMemoryMmap) -> None:
-    memory.write(b"kvmlib", GuestAddress(4 * PAGE + 8))
+    memory.write(GuestAddress(4 * PAGE + 8), b"kvmlib")
     assert ctypes.string_at(memory.host_address(GuestAddress(4 * PAGE + 8)), 6) == b"kvmlib"
     with pytest.raises(GuestMemoryError):
         memory.host_address(GuestAddress(3 * PAGE))
@@ -82,9 +82,9 @@ def test_closed_memory_refuses_access_and_close_is_idempotent(memory: GuestMemor
     memory.close()
     memory.close()
     with pytest.raises(ClosedError, match="closed"):
-        memory.read(1, GuestAddress(0))
+        memory.read(GuestAddress(0), 1)
     with pytest.raises(ValueError, match="closed"):  # as for a closed file
-        memory.write(b"x", GuestAddress(0))
+        memory.write(GuestAddress(0), b"x")
 
 
 def test_guest_address_is_an_int_in_range() -> None:
@@ -98,14 +98,14 @@ def test_guest_address_is_an_int_in_range() -> None:
 @given(addr=st.integers(0, 6 * PAGE), data=st.binary(min_size=0, max_size=3 * PAGE))
 def test_any_write_either_round_trips_or_changes_nothing(addr: int, data: bytes) -> None:
     with GuestMemoryMmap.from_ranges([(0, 2 * PAGE), (2 * PAGE, PAGE), (4 * PAGE, PAGE)]) as mem:
-        snapshot = [mem.read(r.size, r.start_addr) for r in mem.regions]
+        snapshot = [mem.read(r.start_addr, r.size) for r in mem.regions]
         try:
-            mem.write(data, GuestAddress(addr))
+            mem.write(GuestAddress(addr), data)
         except GuestMemoryError:
-            assert [mem.read(r.size, r.start_addr) for r in mem.regions] == snapshot
+            assert [mem.read(r.start_addr, r.size) for r in mem.regions] == snapshot
             assert not (addr + len(data) <= 3 * PAGE or 4 * PAGE <= addr <= 5 * PAGE - len(data))
         else:
-            assert mem.read(len(data), GuestAddress(addr)) == data
+            assert mem.read(GuestAddress(addr), len(data)) == data
 
 
 def test_a_file_backed_region_shares_its_bytes_with_the_file(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_a_file_backed_region_shares_its_bytes_with_the_file(tmp_path: Path) -> 
     backing.write_bytes(bytes(2 * PAGE))
     region = GuestRegionMmap.from_file(GuestAddress(PAGE), PAGE, str(backing), offset=PAGE)
     with GuestMemoryMmap.from_regions([region]) as mem:
-        mem.write(b"persisted", GuestAddress(PAGE + 16))
+        mem.write(GuestAddress(PAGE + 16), b"persisted")
         region.as_memoryview()  # still mapped
     assert backing.read_bytes()[PAGE + 16:PAGE + 25] == b"persisted"
 
@@ -141,5 +141,5 @@ def test_huge_page_regions_when_the_host_has_them() -> None:
         assert "nr_hugepages" in str(e)
         pytest.skip(f"no huge pages reserved on this host: {e}")
     with mem:
-        mem.write_u64(0x1234, GuestAddress(HUGE_PAGE_SIZE - 8))
+        mem.write_u64(GuestAddress(HUGE_PAGE_SIZE - 8), 0x1234)
         assert mem.read_u64(GuestAddress(HUGE_PAGE_SIZE - 8)) == 0x1234

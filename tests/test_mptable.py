@@ -18,7 +18,7 @@ def test_the_table_written_to_memory_parses_back(num_cpus: int) -> None:
     with GuestMemoryMmap.from_ranges([(GuestAddress(0), 1 << 20)]) as memory:
         table = MpTable(num_cpus)
         table.write(memory)
-        parsed = parse_mptable(memory.read(table.size, GuestAddress(MPTABLE_START)))
+        parsed = parse_mptable(memory.read(GuestAddress(MPTABLE_START), table.size))
     assert parsed.apic_ids == tuple(range(num_cpus))
     assert parsed.bsp_id == 0
     assert parsed.ioapic_id == num_cpus
@@ -43,7 +43,7 @@ def test_memory_that_cannot_hold_the_table_is_rejected_untouched() -> None:
     with GuestMemoryMmap.from_ranges([(GuestAddress(0), 0x10000)]) as memory:
         with pytest.raises(MpTableError, match="must hold"):
             MpTable(1).write(memory)
-        assert memory.read(0x10000, GuestAddress(0)) == bytes(0x10000)
+        assert memory.read(GuestAddress(0), 0x10000) == bytes(0x10000)
 
 
 @pytest.mark.parametrize("offset", [0, 10, 16, 60, 100])

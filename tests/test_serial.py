@@ -233,7 +233,7 @@ def test_a_guest_prints_through_the_uart_with_its_irq_wired(kvm: Kvm) -> None:
         bus = IoManager()
         bus.register_pio(PioRange(COM1_PORT, 8), Serial(trigger, out.extend))
         bus.register_pio(PioRange(0x80, 1), Done(handler))
-        memory.write(HELLO, GuestAddress(0x10000))
+        memory.write(GuestAddress(0x10000), HELLO)
         with KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, handler, bus) as vm:
             vm.fd.register_irqfd(trigger.fd, COM1_IRQ)
             vm.run(GuestAddress(0x10000))

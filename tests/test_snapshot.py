@@ -120,12 +120,12 @@ def test_files_are_private_and_memory_is_sparse(running: Running, tmp_path: Path
 
 
 def test_loaded_memory_equals_the_saved_memory(running: Running, tmp_path: Path) -> None:
-    saved = running.memory.read(RAM_SIZE, 0)
+    saved = running.memory.read(0, RAM_SIZE)
     state = running.vm.save_state()
     save_snapshot(running.vm, tmp_path / "snap")
     for mode in ("read", "mmap"):
         with load_snapshot(tmp_path / "snap", mode=mode) as loaded:
-            assert loaded.memory.read(RAM_SIZE, 0) == saved
+            assert loaded.memory.read(0, RAM_SIZE) == saved
             assert loaded.state.vcpus[0].regs == state.vcpus[0].regs
 
 
@@ -228,7 +228,7 @@ def test_diff_snapshots_store_only_dirtied_pages_and_restore_base_plus_diffs(
                 log_dirty_pages=True)
     try:
         base = save_snapshot(r.vm, tmp_path / "base")
-        r.memory.write_u8(1, FLAG)
+        r.memory.write_u8(FLAG, 1)
         r.vm.resume()
         assert r.counter.wait_done()
         r.vm.pause()
@@ -238,9 +238,9 @@ def test_diff_snapshots_store_only_dirtied_pages_and_restore_base_plus_diffs(
         assert (tmp_path / "diff1" / DIFF_FILE).stat().st_size == (len(pages) + 1) * PAGE_SIZE
         r.tape.last = 0x77
         save_snapshot(r.vm, tmp_path / "diff2", base=tmp_path / "diff1")
-        expected = r.memory.read(RAM_SIZE, 0)
+        expected = r.memory.read(0, RAM_SIZE)
         with load_snapshot(tmp_path / "diff2") as loaded:
-            assert loaded.memory.read(RAM_SIZE, 0) == expected
+            assert loaded.memory.read(0, RAM_SIZE) == expected
             assert [i.kind for i in loaded.chain] == ["full", "diff", "diff"]
             assert loaded.state.devices[0].data == b"\x77"
             assert loaded.memory.read_u64(COUNTER) == 20

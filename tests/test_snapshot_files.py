@@ -209,7 +209,7 @@ def test_an_fsync_error_is_a_snapshot_error_and_leaves_nothing(
 def test_after_a_failed_diff_save_its_base_can_no_longer_be_used(
         vm: KvmVm, snaps: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_snapshot(vm, snaps / "base")
-    vm.guest_memory.write_u64(0x1234, 0x200000)
+    vm.guest_memory.write_u64(0x200000, 0x1234)
     real_write, failing = os.write, failing_after_some_bytes(os.write, errno.ENOSPC)
 
     def write(fd: int, data: Any) -> int:

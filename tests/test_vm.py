@@ -288,7 +288,7 @@ def test_a_read_only_region_turns_guest_writes_into_mmio_exits(kvm: Kvm) -> None
     bus.register_mmio(MmioRange(rom_base, 0x1000), recorder)
     with GuestMemoryMmap.from_regions([ram, rom]) as memory, KvmVm.new(
             kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(), bus) as vm:
-        memory.write(code, BSP_CODE)
+        memory.write(BSP_CODE, code)
         vm.run(BSP_CODE)
         wait_until(lambda: bool(recorder.writes))
         vm.shutdown()

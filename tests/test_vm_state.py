@@ -79,7 +79,7 @@ def test_a_restored_vm_continues_from_the_paused_count(kvm: Kvm, make_vm: Factor
     last = counter.values[-1]
     state = vm.save_state()
     with GuestMemoryMmap.from_ranges([(0, RAM_SIZE)]) as copy:
-        copy.write(memory.read(RAM_SIZE, 0), 0)
+        copy.write(0, memory.read(0, RAM_SIZE))
         vm.shutdown()
         again = Counter()
         with KvmVm.from_state(kvm, state, copy, EventExitHandler(), counting_bus(again)) as restored:
@@ -128,7 +128,7 @@ def test_dirty_pages_are_exactly_the_pages_the_guest_wrote(make_vm: Factory) -> 
 def test_host_writes_count_as_dirty(make_vm: Factory) -> None:
     vm, memory, _ = make_vm(count_to(1), log_dirty_pages=True)
     vm.dirty_pages()
-    memory.write(b"x" * (PAGE_SIZE + 2), 0x200000 - 1)
+    memory.write(0x200000 - 1, b"x" * (PAGE_SIZE + 2))
     assert vm.dirty_pages()[0].pages() == [0x1FF, 0x200, 0x201]
 
 
@@ -141,16 +141,16 @@ def test_reset_gives_back_memory_equal_to_the_snapshot(make_vm: Factory) -> None
     assert counter.wait_count(5)
     vm.pause()
     with vm.snapshot() as snap:
-        before = memory.read(RAM_SIZE, 0)
+        before = memory.read(0, RAM_SIZE)
         regs = vm.vcpu_regs(0)
         for _ in range(3):  # the fuzzer's loop: hand in the input, run, reset
-            memory.write_u8(1, FLAG)
+            memory.write_u8(FLAG, 1)
             vm.resume()
             assert counter.wait_done()
             vm.pause()
-            assert memory.read(RAM_SIZE, 0) != before
+            assert memory.read(0, RAM_SIZE) != before
             copied = vm.reset_to(snap)
-            assert memory.read(RAM_SIZE, 0) == before
+            assert memory.read(0, RAM_SIZE) == before
             assert copied == len(pages) + 1  # the scribbled pages and FLAG's page
             assert (vm.vcpu_regs(0).rip, vm.vcpu_regs(0).rax) == (regs.rip, regs.rax)
             counter.clear()
@@ -177,9 +177,9 @@ def test_reset_without_dirty_logging_copies_everything(make_vm: Factory) -> None
     assert counter.wait_count(5)
     vm.pause()
     with vm.snapshot() as snap:
-        memory.write(b"junk", 0x200000)
+        memory.write(0x200000, b"junk")
         assert vm.reset_to(snap) == RAM_SIZE // PAGE_SIZE
-        assert memory.read(4, 0x200000) == bytes(4)
+        assert memory.read(0x200000, 4) == bytes(4)
 
 
 def test_reset_to_another_vms_snapshot_is_refused(make_vm: Factory) -> None:
@@ -209,7 +209,7 @@ def test_two_vcpus_save_and_restore(kvm: Kvm, make_vm: Factory) -> None:
     assert state.vcpus[1].mp_state != state.vcpus[0].mp_state  # the AP still waits for SIPI
     vm.shutdown()
     with GuestMemoryMmap.from_ranges([(0, RAM_SIZE)]) as copy:
-        copy.write(memory.read(RAM_SIZE, 0), 0)
+        copy.write(0, memory.read(0, RAM_SIZE))
         with KvmVm.from_state(kvm, state, copy, EventExitHandler(), counting_bus(Counter())) as vm2:
             again = vm2.save_state()
         # Everything but what time moves (TSC, PIT and clock) comes back as it was saved.

@@ -85,7 +85,7 @@ class Reporter:
 def memory_with(programs: dict[GuestAddress, bytes]) -> GuestMemoryMmap:
     memory = GuestMemoryMmap.from_ranges([(GuestAddress(0), RAM_SIZE)])
     for addr, code in programs.items():
-        memory.write(code, addr)
+        memory.write(addr, code)
     return memory
 
 

@@ -71,7 +71,7 @@ def main() -> int:
     handler = StopWhenDone()
     with Kvm() as kvm, GuestMemoryMmap.from_ranges([(GuestAddress(0), 2 << 20)]) as memory, \
             KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, handler, bus) as vm:
-        memory.write(GUEST, CODE)
+        memory.write(CODE, GUEST)
         vm.run(CODE)                       # one thread per vCPU; returns at once
         if not heartbeat.wait_for(5, timeout=30):
             raise SystemExit("no heartbeat")

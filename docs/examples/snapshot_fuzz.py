@@ -64,22 +64,22 @@ def bus_for(ports: Ports) -> IoManager:
 def fuzz(kvm: Kvm, snapshot_dir: Path) -> None:
     ports = Ports()
     with GuestMemoryMmap.from_ranges([(0, 4 << 20)], log_dirty_pages=True) as memory:
-        memory.write(GUEST, CODE)
+        memory.write(CODE, GUEST)
         with KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(),
                        bus_for(ports)) as vm:
             vm.run(CODE)
             ports.ready.wait(10)
             vm.pause()
             with vm.snapshot() as snap:
-                pristine = memory.read(4 << 20, 0)
+                pristine = memory.read(0, 4 << 20)
                 for case in (3, 0, 200, 17):
-                    memory.write(bytes([case, 1]), INPUT)  # hand the input in
+                    memory.write(INPUT, bytes([case, 1]))  # hand the input in
                     ports.done.clear()
                     vm.resume()
                     ports.done.wait(10)
                     vm.pause()
                     copied = vm.reset_to(snap)
-                    assert memory.read(4 << 20, 0) == pristine
+                    assert memory.read(0, 4 << 20) == pristine
                     print(f"input {case:3}: reset copied back {copied} pages")
             save_snapshot(vm, snapshot_dir)  # the VM is back at "waiting for input"
 
@@ -87,7 +87,7 @@ def fuzz(kvm: Kvm, snapshot_dir: Path) -> None:
     ports = Ports()
     vm, memory = restore_snapshot(kvm, snapshot_dir, EventExitHandler(), bus_for(ports))
     with memory, vm:
-        memory.write(bytes([5, 1]), INPUT)
+        memory.write(INPUT, bytes([5, 1]))
         vm.run()
         finished = ports.done.wait(10)
         vm.pause()

@@ -134,8 +134,8 @@ def run_hello(num_vcpus: int = 2, timeout: float = 30.0) -> bytes:
     with Kvm() as kvm, GuestMemoryMmap.from_ranges([(GuestAddress(0), RAM_SIZE)]) as memory:
         vm = KvmVm.new(kvm, VmConfig.from_kvm(kvm, num_vcpus), memory, handler, bus)
         with vm:
-            memory.write(_bsp_program(num_vcpus), BSP_CODE)
-            memory.write(_ap_program(), AP_CODE)
+            memory.write(BSP_CODE, _bsp_program(num_vcpus))
+            memory.write(AP_CODE, _ap_program())
             vm.run(BSP_CODE)
             finished = handler.wait(timeout)
             vm.shutdown()

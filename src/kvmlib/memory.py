@@ -16,9 +16,9 @@ import struct
 import threading
 from collections.abc import Iterable
 from itertools import pairwise
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from typing_extensions import Self
+from typing_extensions import Buffer, Self
 
 from kvmlib.errors import ClosedError, GuestMemoryError
 from kvmlib.resources import Closeable
@@ -368,79 +368,79 @@ class GuestMemoryMmap(Closeable):
             left -= n
         return pieces
 
-    def read(self, size: int, addr: int) -> bytes:
-        """``size`` bytes from guest address ``addr``."""
-        pieces = self._spans(int(addr), size)
+    def read(self, address: int, size: int) -> bytes:
+        """``size`` bytes from guest address ``address`` (a :class:`GuestAddress` or an int)."""
+        pieces = self._spans(int(address), size)
         if len(pieces) == 1:
             region, off, n = pieces[0]
             return bytes(region.as_memoryview()[off:off + n])
         return b"".join(bytes(r.as_memoryview()[o:o + n]) for r, o, n in pieces)
 
-    def read_into(self, addr: int, buf: Any) -> None:
-        """Fill the writable buffer ``buf`` from guest address ``addr``."""
+    def read_into(self, address: int, buf: Buffer) -> None:
+        """Fill the writable buffer ``buf`` from guest address ``address``."""
         out = memoryview(buf).cast("B")
         pos = 0
-        for region, off, n in self._spans(int(addr), len(out)):
+        for region, off, n in self._spans(int(address), len(out)):
             out[pos:pos + n] = region.as_memoryview()[off:off + n]
             pos += n
 
-    def write(self, data: Any, addr: int) -> None:
-        """Write the bytes-like ``data`` at guest address ``addr`` (all or nothing)."""
+    def write(self, address: int, data: Buffer) -> None:
+        """Write the bytes-like ``data`` at guest address ``address`` (all or nothing)."""
         src = memoryview(data).cast("B")
         pos = 0
-        for region, off, n in self._spans(int(addr), len(src)):
+        for region, off, n in self._spans(int(address), len(src)):
             region.as_memoryview()[off:off + n] = src[pos:pos + n]
             region.mark_dirty(off, n)
             pos += n
 
-    def read_obj(self, addr: int, ctype: type[_C]) -> _C:
-        """A ctypes object of type ``ctype`` copied from guest address ``addr``."""
+    def read_obj(self, address: int, ctype: type[_C]) -> _C:
+        """A ctypes object of type ``ctype`` copied from guest address ``address``."""
         size = ctypes.sizeof(ctype)  # type: ignore[arg-type]
-        return ctype.from_buffer_copy(self.read(size, addr))  # type: ignore[attr-defined, no-any-return]
+        return ctype.from_buffer_copy(self.read(address, size))  # type: ignore[attr-defined, no-any-return]
 
-    def write_obj(self, obj: Any, addr: int) -> None:
-        """Write a ctypes object's bytes at guest address ``addr``."""
-        self.write(bytes(memoryview(obj).cast("B")), addr)
+    def write_obj(self, address: int, obj: Buffer) -> None:
+        """Write a ctypes object's bytes at guest address ``address``."""
+        self.write(address, bytes(memoryview(obj).cast("B")))
 
-    def _read_uint(self, addr: int, width: int) -> int:
-        return int(_UNSIGNED[width].unpack(self.read(width, addr))[0])
+    def _read_uint(self, address: int, width: int) -> int:
+        return int(_UNSIGNED[width].unpack(self.read(address, width))[0])
 
-    def _write_uint(self, value: int, addr: int, width: int) -> None:
+    def _write_uint(self, address: int, value: int, width: int) -> None:
         if not 0 <= value < 1 << (8 * width):
             raise GuestMemoryError(f"{value:#x} does not fit in {width} bytes")
-        self.write(_UNSIGNED[width].pack(value), addr)
+        self.write(address, _UNSIGNED[width].pack(value))
 
-    def read_u8(self, addr: int) -> int:
-        """One byte."""
-        return self._read_uint(addr, 1)
+    def read_u8(self, address: int) -> int:
+        """One byte at ``address``."""
+        return self._read_uint(address, 1)
 
-    def read_u16(self, addr: int) -> int:
-        """A little-endian 16-bit value."""
-        return self._read_uint(addr, 2)
+    def read_u16(self, address: int) -> int:
+        """A little-endian 16-bit value at ``address``."""
+        return self._read_uint(address, 2)
 
-    def read_u32(self, addr: int) -> int:
-        """A little-endian 32-bit value."""
-        return self._read_uint(addr, 4)
+    def read_u32(self, address: int) -> int:
+        """A little-endian 32-bit value at ``address``."""
+        return self._read_uint(address, 4)
 
-    def read_u64(self, addr: int) -> int:
-        """A little-endian 64-bit value."""
-        return self._read_uint(addr, 8)
+    def read_u64(self, address: int) -> int:
+        """A little-endian 64-bit value at ``address``."""
+        return self._read_uint(address, 8)
 
-    def write_u8(self, value: int, addr: int) -> None:
-        """Write one byte."""
-        self._write_uint(value, addr, 1)
+    def write_u8(self, address: int, value: int) -> None:
+        """Write one byte at ``address``."""
+        self._write_uint(address, value, 1)
 
-    def write_u16(self, value: int, addr: int) -> None:
-        """Write a little-endian 16-bit value."""
-        self._write_uint(value, addr, 2)
+    def write_u16(self, address: int, value: int) -> None:
+        """Write a little-endian 16-bit value at ``address``."""
+        self._write_uint(address, value, 2)
 
-    def write_u32(self, value: int, addr: int) -> None:
-        """Write a little-endian 32-bit value."""
-        self._write_uint(value, addr, 4)
+    def write_u32(self, address: int, value: int) -> None:
+        """Write a little-endian 32-bit value at ``address``."""
+        self._write_uint(address, value, 4)
 
-    def write_u64(self, value: int, addr: int) -> None:
-        """Write a little-endian 64-bit value."""
-        self._write_uint(value, addr, 8)
+    def write_u64(self, address: int, value: int) -> None:
+        """Write a little-endian 64-bit value at ``address``."""
+        self._write_uint(address, value, 8)
 
     @property
     def closed(self) -> bool:

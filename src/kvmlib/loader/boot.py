@@ -195,19 +195,19 @@ def _zero_page(kernel: LoadedKernel, initrd_addr: int | None, initrd_size: int,
 def _write_start_info(memory: GuestMemoryMmap, initrd_addr: int | None, initrd_size: int,
                       e820: tuple[E820Entry, ...]) -> None:
     # The page may hold an earlier zero page; PVH readers must not see its bytes as their fields.
-    write_guest(memory, bytes(X86_PAGE_SIZE), BOOT_INFO_START, "boot information page")
+    write_guest(memory, BOOT_INFO_START, bytes(X86_PAGE_SIZE), "boot information page")
     info = hvm_start_info(magic=XEN_HVM_START_MAGIC_VALUE, version=HVM_START_INFO_VERSION,
                           cmdline_paddr=CMDLINE_START, memmap_paddr=PVH_MEMMAP_START,
                           memmap_entries=len(e820))
     if initrd_addr is not None:
         info.nr_modules, info.modlist_paddr = 1, PVH_MODLIST_START
         module = hvm_modlist_entry(paddr=initrd_addr, size=initrd_size)
-        write_guest(memory, bytes(module), PVH_MODLIST_START, "PVH module list")
+        write_guest(memory, PVH_MODLIST_START, bytes(module), "PVH module list")
     table = (hvm_memmap_table_entry * len(e820))()
     for slot, entry in zip(table, e820, strict=True):
         slot.addr, slot.size, slot.type = entry.addr, entry.size, int(entry.type)
-    write_guest(memory, bytes(table), PVH_MEMMAP_START, "PVH memory map")
-    write_guest(memory, bytes(info), BOOT_INFO_START, "hvm_start_info")
+    write_guest(memory, PVH_MEMMAP_START, bytes(table), "PVH memory map")
+    write_guest(memory, BOOT_INFO_START, bytes(info), "hvm_start_info")
 
 
 def configure_boot(memory: GuestMemoryMmap, kernel: LoadedKernel, cmdline: str | bytes = b"",
@@ -258,12 +258,12 @@ def configure_boot(memory: GuestMemoryMmap, kernel: LoadedKernel, cmdline: str |
                 f"the {len(initrd_data) / _MIB:.1f} MiB initrd does not fit in guest RAM between the "
                 f"kernel's end ({low:#x}) and {limit:#x} (initrd_addr_max and the MMIO gap); the "
                 f"guest's RAM is {describe_ram(e820)}: give the guest more memory")
-    write_guest(memory, raw_cmdline + b"\0", CMDLINE_START, "command line")
+    write_guest(memory, CMDLINE_START, raw_cmdline + b"\0", "command line")
     if initrd_addr is not None:
-        write_guest(memory, initrd_data, initrd_addr, "initrd")
+        write_guest(memory, initrd_addr, initrd_data, "initrd")
     if mode is BootMode.LINUX_64:
         params = _zero_page(kernel, initrd_addr, len(initrd_data), e820)
-        write_guest(memory, bytes(params), BOOT_INFO_START, "zero page")
+        write_guest(memory, BOOT_INFO_START, bytes(params), "zero page")
     else:
         _write_start_info(memory, initrd_addr, len(initrd_data), e820)
     return BootSetup(mode=mode, entry=entry, boot_info_addr=BOOT_INFO_START, cmdline_addr=CMDLINE_START,

@@ -142,7 +142,7 @@ def load_bzimage(memory: GuestMemoryMmap, data: bytes) -> LoadedKernel:
     check_kernel_fits(memory, info.load_addr, info.run_end,
                       f"the kernel (loaded at {info.load_addr:#x}, init_size {hdr.init_size:#x})")
     kernel = memoryview(data)[info.kernel_offset:info.kernel_offset + info.kernel_size]
-    write_guest(memory, kernel, info.load_addr, "protected-mode kernel")
+    write_guest(memory, info.load_addr, kernel, "protected-mode kernel")
     return LoadedKernel(kind=KernelKind.BZIMAGE, entry=info.entry_64, load_addr=info.load_addr,
                         load_end=info.run_end, header=info.header, elf_entry=None,
                         cmdline_size=int(hdr.cmdline_size), initrd_addr_max=int(hdr.initrd_addr_max))

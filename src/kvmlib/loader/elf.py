@@ -243,7 +243,7 @@ def load_elf(memory: GuestMemoryMmap, data: bytes) -> LoadedKernel:
     for i, seg in enumerate(info.segments):
         check_kernel_fits(memory, seg.paddr, seg.end, f"PT_LOAD segment {i} (p_paddr {seg.paddr:#x})")
     for seg in info.segments:
-        write_guest(memory, memoryview(data)[seg.offset:seg.offset + seg.filesz], seg.paddr,
+        write_guest(memory, seg.paddr, memoryview(data)[seg.offset:seg.offset + seg.filesz],
                     "ELF segment")
         zero_guest(memory, seg.paddr + seg.filesz, seg.memsz - seg.filesz, "ELF segment's bss")
     kind = KernelKind.ELF if info.pvh_entry is None else KernelKind.ELF_PVH

@@ -128,10 +128,10 @@ def check_kernel_fits(memory: GuestMemoryMmap, start: int, end: int, what: str) 
             f"least {-(-end // _MIB)} MiB below the MMIO gap")
 
 
-def write_guest(memory: GuestMemoryMmap, data: bytes | memoryview, addr: int, what: str) -> None:
+def write_guest(memory: GuestMemoryMmap, addr: int, data: bytes | memoryview, what: str) -> None:
     """``memory.write`` with a failure reported as LoaderError (callers check ranges first)."""
     try:
-        memory.write(data, addr)
+        memory.write(addr, data)
     except GuestMemoryError as e:
         raise LoaderError(f"cannot write the {what} at {addr:#x}: {e}") from e
 
@@ -142,7 +142,7 @@ def zero_guest(memory: GuestMemoryMmap, addr: int, size: int, what: str) -> None
     done = 0
     while done < size:
         n = min(len(chunk), size - done)
-        write_guest(memory, memoryview(chunk)[:n], addr + done, what)
+        write_guest(memory, addr + done, memoryview(chunk)[:n], what)
         done += n
 
 

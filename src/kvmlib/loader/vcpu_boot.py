@@ -87,7 +87,7 @@ def setup_vcpu_for_boot(vcpu: VcpuFd, memory: GuestMemoryMmap, boot: BootSetup) 
         write_boot_tables(memory)  # the page tables, and a GDT replaced just below
     except GuestMemoryError as e:
         raise LoaderError(f"guest memory cannot hold the boot page tables at {PML4_START:#x}: {e}") from e
-    write_guest(memory, struct.pack(f"<{len(gdt)}Q", *gdt), BOOT_GDT_OFFSET, "boot GDT")
+    write_guest(memory, BOOT_GDT_OFFSET, struct.pack(f"<{len(gdt)}Q", *gdt), "boot GDT")
     sregs = vcpu.get_sregs()
     sregs.gdt.base, sregs.gdt.limit = BOOT_GDT_OFFSET, len(gdt) * 8 - 1
     sregs.idt.base, sregs.idt.limit = BOOT_IDT_OFFSET, 7

@@ -102,7 +102,7 @@ class MpTable:
                 not memory.address_in_range(end - 1):
             raise MpTableError(f"guest memory must hold [{start:#x}, {end:#x}) for the MP table of "
                                f"{self.num_cpus} CPUs")
-        memory.write(data, GuestAddress(start))
+        memory.write(GuestAddress(start), data)
 
 
 @attrs.define(frozen=True, slots=True)

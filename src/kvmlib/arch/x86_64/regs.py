@@ -93,13 +93,13 @@ BOOT_GDT = (
 
 def write_boot_tables(memory: GuestMemoryMmap) -> None:
     """Write the GDT, the empty IDT and the page tables identity-mapping the first GiB."""
-    memory.write(struct.pack(f"<{len(BOOT_GDT)}Q", *BOOT_GDT), GuestAddress(BOOT_GDT_OFFSET))
-    memory.write(bytes(8), GuestAddress(BOOT_IDT_OFFSET))
+    memory.write(GuestAddress(BOOT_GDT_OFFSET), struct.pack(f"<{len(BOOT_GDT)}Q", *BOOT_GDT))
+    memory.write(GuestAddress(BOOT_IDT_OFFSET), bytes(8))
     table = PAGE_PRESENT_RW | PAGE_ACCESSED
-    memory.write(struct.pack("<Q", PDPTE_START | table), GuestAddress(PML4_START))
-    memory.write(struct.pack("<Q", PDE_START | table), GuestAddress(PDPTE_START))
+    memory.write(GuestAddress(PML4_START), struct.pack("<Q", PDPTE_START | table))
+    memory.write(GuestAddress(PDPTE_START), struct.pack("<Q", PDE_START | table))
     pdes = [(i << 21) | PAGE_PS | PAGE_PRESENT_RW | PAGE_ACCESSED | PAGE_DIRTY for i in range(512)]
-    memory.write(struct.pack("<512Q", *pdes), GuestAddress(PDE_START))
+    memory.write(GuestAddress(PDE_START), struct.pack("<512Q", *pdes))
 
 
 def setup_sregs(vcpu: VcpuFd, memory: GuestMemoryMmap) -> None:
