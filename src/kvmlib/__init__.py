@@ -18,6 +18,7 @@ from kvmlib.dirty import DirtyBitmap
 from kvmlib.errors import (
     ClosedError,
     GuestMemoryError,
+    KernelBufferError,
     KvmError,
     KvmIoctlError,
     KvmUnavailableError,
@@ -71,6 +72,7 @@ __all__ = [
     "IoIn",
     "IoManager",
     "IoOut",
+    "KernelBufferError",
     "Kvm",
     "KvmError",
     "KvmIoctlError",
