@@ -1,5 +1,7 @@
 """Every structure and ioctl number in kvmlib.ioctl, proved against the installed <linux/kvm.h>.
 
+And kvmlib._sigaction's mirror of glibc's ``struct sigaction``, against <signal.h>.
+
 A C program is generated from kvmlib's own tables, compiled with gcc against the system headers and run;
 each ``sizeof``, ``offsetof`` and macro value it prints is compared with what ctypes / kvmlib says.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+import signal
 import subprocess
 from ctypes import Structure, Union
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kvmlib import ioctl
+from kvmlib import _sigaction, ioctl
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
@@ -69,9 +72,11 @@ def constant_checks() -> dict[str, tuple[str, int]]:
     return checks
 
 
-def run_c(checks: dict[str, tuple[str, int]], workdir: Path) -> dict[str, int]:
+def run_c(checks: dict[str, tuple[str, int]], workdir: Path,
+          headers: tuple[str, ...] = ("linux/kvm.h",)) -> dict[str, int]:
     """Compile and run a program printing every check's C value."""
-    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    lines = ["#include <stddef.h>", "#include <stdio.h>",
+             *(f"#include <{h}>" for h in headers), "int main(void) {"]
     for key, (expr, _) in checks.items():
         lines.append(f'    printf("%s=%lu\\n", "{key}", (unsigned long)({expr}));')
     lines += ["    return 0;", "}"]
@@ -84,9 +89,10 @@ def run_c(checks: dict[str, tuple[str, int]], workdir: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.rsplit("=", 1) for line in out.splitlines())}
 
 
-def mismatches(checks: dict[str, tuple[str, int]], workdir: Path) -> list[str]:
+def mismatches(checks: dict[str, tuple[str, int]], workdir: Path,
+               headers: tuple[str, ...] = ("linux/kvm.h",)) -> list[str]:
     """The checks whose C value differs from kvmlib's."""
-    c_values = run_c(checks, workdir)
+    c_values = run_c(checks, workdir, headers)
     return [f"{key}: kvmlib {want} != C {c_values[key]}"
             for key, (_, want) in checks.items() if c_values[key] != want]
 
@@ -119,3 +125,21 @@ def test_the_constant_check_detects_a_wrong_number(tmp_path: Path) -> None:
     wrong = {"macro KVM_RUN": ("(unsigned long)(KVM_RUN)", ioctl.KVM_RUN + 1)}
     assert mismatches(wrong, tmp_path) == [
         f"macro KVM_RUN: kvmlib {ioctl.KVM_RUN + 1} != C {ioctl.KVM_RUN}"]
+
+
+def test_struct_sigaction_matches_glibc(tmp_path: Path) -> None:
+    checks: dict[str, tuple[str, int]] = {}
+    for st in _sigaction.GLIBC_STRUCTS:
+        checks.update(layout_checks(st, st.__name__))
+    # sa_handler and sa_sigaction (through glibc's macros), the 1024-bit mask, flags and restorer.
+    for key in ("sizeof sigaction", "offsetof sigaction.sa_handler",
+                "offsetof sigaction.sa_sigaction", "sizeof sigaction.sa_mask",
+                "offsetof sigaction.sa_mask.__val", "offsetof sigaction.sa_flags",
+                "offsetof sigaction.sa_restorer"):
+        assert key in checks
+    assert checks["sizeof sigaction.sa_mask"][1] == 1024 // 8
+    checks["macro SIG_DFL"] = ("(unsigned long)SIG_DFL", _sigaction.SIG_DFL)
+    checks["macro SIG_IGN"] = ("(unsigned long)SIG_IGN", _sigaction.SIG_IGN)
+    # The signal kvmlib kicks vCPUs with: glibc decides SIGRTMIN at run time.
+    checks["macro SIGRTMIN"] = ("(unsigned long)SIGRTMIN", int(signal.SIGRTMIN))
+    assert mismatches(checks, tmp_path, ("signal.h",)) == []

@@ -18,6 +18,7 @@ from kvmlib.dirty import DirtyBitmap
 from kvmlib.errors import (
     ClosedError,
     GuestMemoryError,
+    KernelBufferError,
     KvmError,
     KvmIoctlError,
     KvmUnavailableError,
@@ -72,6 +73,7 @@ __all__ = [
     "IoIn",
     "IoManager",
     "IoOut",
+    "KernelBufferError",
     "Kvm",
     "KvmError",
     "KvmIoctlError",

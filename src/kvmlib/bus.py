@@ -1,8 +1,8 @@
 """The I/O bus: port (PIO) and MMIO address ranges mapped to devices.
 
 vCPU threads dispatch every port and MMIO exit here. Registration is rare and takes a lock; dispatch
-is the hot path and takes none: it reads an immutable snapshot (sorted range starts plus entries)
-that registration replaces in one assignment.
+is the hot path and takes none: it reads an immutable snapshot (one tuple of the sorted range starts
+and the entries) that registration replaces in one assignment.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class StatefulDevice(Protocol):
 
 
 _Entry = tuple[int, int, object]  # (base, end, device)
+_Table = tuple[tuple[int, ...], tuple[_Entry, ...]]  # (sorted starts, the entries in that order)
 
 
 class _Space:
@@ -126,8 +127,9 @@ class _Space:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.starts: tuple[int, ...] = ()
-        self.entries: tuple[_Entry, ...] = ()
+        #: Never mutated, only replaced by one store: a dispatcher that loads it once holds starts
+        #: and entries of the same generation, with or without a GIL.
+        self.table: _Table = ((), ())
         self.ranges: dict[int, tuple[_Range, object]] = {}
 
     def add(self, rng: _Range, device: object) -> None:
@@ -146,12 +148,11 @@ class _Space:
     def _rebuild(self) -> None:
         ordered = sorted(self.ranges.values(), key=lambda item: item[0].base)
         entries = tuple((r.base, r.end, d) for r, d in ordered)
-        # One tuple assignment: a concurrent dispatcher sees the old or the new set, never a mix.
-        self.entries, self.starts = entries, tuple(e[0] for e in entries)
+        self.table = (tuple(e[0] for e in entries), entries)
 
     def find(self, addr: int, length: int) -> _Entry | None:
-        entries = self.entries
-        i = bisect.bisect_right(self.starts, addr) - 1
+        starts, entries = self.table
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
             entry = entries[i]
             if addr + length <= entry[1]:
@@ -199,11 +200,14 @@ class IoManager:
 
     def pio_ranges(self) -> tuple[tuple[_Range, object], ...]:
         """Every registered port range and its device."""
-        return tuple(self._pio.ranges.values())
+        # Under the lock: the dict must not change while it is copied.
+        with self._lock:
+            return tuple(self._pio.ranges.values())
 
     def mmio_ranges(self) -> tuple[tuple[_Range, object], ...]:
         """Every registered MMIO range and its device."""
-        return tuple(self._mmio.ranges.values())
+        with self._lock:
+            return tuple(self._mmio.ranges.values())
 
     def stateful_devices(self) -> dict[tuple[str, int], StatefulDevice]:
         """Every device with state, once each, keyed by ``("pio" | "mmio", base of its first range)``."""

@@ -39,6 +39,14 @@ class ClosedError(KvmError, ValueError):
     """
 
 
+class KernelBufferError(KvmError, ValueError):
+    """A buffer does not fit what the kernel will read or write through it, or that size is unknown.
+
+    Raised before the ioctl, where the kernel would otherwise write past the buffer (or read past
+    it). A :class:`ValueError` too: the argument that sized the buffer was wrong.
+    """
+
+
 class GuestMemoryError(KvmError):
     """A guest memory access or layout is invalid (out of bounds, overlap, misalignment)."""
 

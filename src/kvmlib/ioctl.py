@@ -8,6 +8,12 @@ Three thin wrappers own the three kinds of KVM file descriptor, in the manner of
 kvm-ioctls: :class:`Kvm` (``/dev/kvm``), :class:`VmFd` (one VM) and :class:`VcpuFd` (one vCPU, with its
 ``kvm_run`` page mapped once). Each method is one ioctl; a failure raises
 :class:`~kvmlib.errors.KvmIoctlError` naming the ioctl and the errno.
+
+Where the kernel decides how many bytes it writes (a dirty bitmap, an XSAVE area, a list), the buffer
+is sized from what the kernel will write, never from a caller's guess: a size that cannot hold it
+raises :class:`~kvmlib.errors.KernelBufferError` before the ioctl, and the lists grow until they
+fit. Every wrapper is safe against a ``close()`` from another thread: an ioctl either runs on the fd
+it was meant for or raises :class:`~kvmlib.errors.ClosedError`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 from ctypes import (
     Structure,
     Union,
@@ -34,7 +41,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from typing import Union as TUnion
 
-from kvmlib.errors import KvmIoctlError, KvmUnavailableError
+from kvmlib.errors import ClosedError, KernelBufferError, KvmIoctlError, KvmUnavailableError
 from kvmlib.resources import Closeable
 
 if TYPE_CHECKING:
@@ -920,15 +927,28 @@ _get_errno = ctypes.get_errno
 
 
 _T = TypeVar("_T", bound=Structure)
+_IOC_SIZEMASK = (1 << _IOC_SIZEBITS) - 1
+
+
+def _buffer_size(buf: _Buf) -> int:
+    return len(buf) if isinstance(buf, bytearray) else sizeof(buf)
 
 
 class _FdOwner(Closeable):
-    """Owns one fd: ``close()`` is idempotent and the object is a context manager."""
+    """Owns one fd: ``close()`` is idempotent and the object is a context manager.
+
+    A per-object lock is held across every ioctl (but KVM_RUN, see :meth:`VcpuFd.run`) and across
+    :meth:`close`: without it, a ``close()`` between reading the fd and the ioctl would let the ioctl
+    reach whatever file the kernel next gave that fd number.
+    """
 
     _fd: int
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        # Reentrant: a method holding it may call another ioctl method, and a signal handler that
+        # runs on a thread holding it may still use the object.
+        self._lock = threading.RLock()
 
     @property
     def fd(self) -> int:
@@ -941,10 +961,14 @@ class _FdOwner(Closeable):
         return self._fd < 0
 
     def close(self) -> None:
-        """Close the file descriptor; calling it again does nothing."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        """Close the file descriptor; calling it again does nothing.
+
+        Waits for an ioctl another thread is making on this object (never for a KVM_RUN).
+        """
+        with self._lock:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
 
     def __del__(self) -> None:
         # A safety net only: owners are expected to be closed explicitly.
@@ -953,32 +977,65 @@ class _FdOwner(Closeable):
         except Exception:
             pass
 
+    def _describe(self) -> str:
+        return f"this {type(self).__name__}"
+
+    def _closed_error(self, name: str) -> ClosedError:
+        return ClosedError(f"{name}: {self._describe()} is closed")
+
     def _check_open(self, name: str) -> int:
-        if self._fd < 0:
-            raise KvmIoctlError(name, _errno.EBADF, f"{type(self).__name__} is closed")
-        return self._fd
+        """The fd, or ClosedError; call with the lock held, and keep it across the fd's use."""
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error(name)
+        return fd
 
     def _ioctl_int(self, name: str, request: int, arg: int = 0) -> int:
-        fd = self._check_open(name)
-        # libc's ioctl, not fcntl.ioctl: the latter passes a C int, and some arguments (guest
-        # addresses) are unsigned longs above 2**31.
-        ret: int = _libc_ioctl(fd, request, arg)
-        if ret < 0:
-            raise KvmIoctlError(name, ctypes.get_errno())
+        with self._lock:
+            fd = self._check_open(name)
+            # libc's ioctl, not fcntl.ioctl: the latter passes a C int, and some arguments (guest
+            # addresses) are unsigned longs above 2**31.
+            ret: int = _libc_ioctl(fd, request, arg)
+            if ret < 0:
+                raise KvmIoctlError(name, ctypes.get_errno())
         return ret
 
     def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> int:
-        fd = self._check_open(name)
-        try:
-            ret: int = fcntl.ioctl(fd, request, buf, True)
-        except OSError as e:
-            raise KvmIoctlError(name, e.errno or 0) from None
+        # The size encoded in the request is what the kernel copies for a fixed-size argument, and
+        # the header it reads first for a variable one: a smaller buffer would be overrun.
+        need = (request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK
+        have = _buffer_size(buf)
+        if have < need:
+            raise KernelBufferError(f"{name} needs a buffer of at least {need} bytes, not {have}")
+        with self._lock:
+            fd = self._check_open(name)
+            try:
+                ret: int = fcntl.ioctl(fd, request, buf, True)
+            except OSError as e:
+                raise KvmIoctlError(name, e.errno or 0) from None
         return ret
 
     def _get(self, name: str, request: int, cls: type[_T]) -> _T:
         obj = cls()
         self._ioctl_buf(name, request, obj)
         return obj
+
+    def _get_growing(self, name: str, request: int, make: Any, count_field: str,
+                     start: int) -> Any:
+        # The list ioctls write at most as many entries as the count field allows and answer E2BIG
+        # when that is too few (KVM_GET_MSR_INDEX_LIST also writes back the count it needs).
+        n = max(start, 1)
+        while True:
+            obj = make(n)
+            try:
+                self._ioctl_buf(name, request, obj)
+            except KvmIoctlError as e:
+                if e.errno != _errno.E2BIG or n >= 1 << 16:
+                    raise
+                needed = getattr(obj, count_field)
+                n = needed if needed > n else n * 2
+                continue
+            return obj
 
 
 class Kvm(_FdOwner):
@@ -1007,6 +1064,7 @@ class Kvm(_FdOwner):
         except OSError as e:
             raise KvmUnavailableError(f"cannot open {path}: {e.strerror}") from None
         super().__init__(fd)
+        self._path = path
         version = self.get_api_version()
         if version != KVM_API_VERSION:
             self.close()
@@ -1031,32 +1089,25 @@ class Kvm(_FdOwner):
         """The size of a vCPU's ``kvm_run`` mapping (KVM_GET_VCPU_MMAP_SIZE)."""
         return self.get_vcpu_mmap_size()
 
-    def _get_growing(self, name: str, request: int, make: Any, count_field: str,
-                     start: int) -> Any:
-        # Both list ioctls answer E2BIG with the needed count when the buffer is too small.
-        n = start
-        while True:
-            obj = make(n)
-            try:
-                self._ioctl_buf(name, request, obj)
-            except KvmIoctlError as e:
-                if e.errno != _errno.E2BIG or n >= 1 << 16:
-                    raise
-                needed = getattr(obj, count_field)
-                n = needed if needed > n else n * 2
-                continue
-            return obj
+    def _describe(self) -> str:
+        return f"the Kvm handle on {self._path}"
 
     def get_supported_cpuid(self, max_entries: int = 256) -> Any:
-        """KVM_GET_SUPPORTED_CPUID: a ``kvm_cpuid2`` trimmed to the entries the kernel filled."""
+        """KVM_GET_SUPPORTED_CPUID: a ``kvm_cpuid2`` trimmed to the entries the kernel filled.
+
+        ``max_entries`` is only the first guess: a larger list is fetched whole.
+        """
         obj = self._get_growing("KVM_GET_SUPPORTED_CPUID", KVM_GET_SUPPORTED_CPUID,
                                 make_kvm_cpuid2, "nent", max_entries)
         return make_kvm_cpuid2(obj.entries[i] for i in range(obj.nent))
 
-    def get_msr_index_list(self) -> list[int]:
-        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
+    def get_msr_index_list(self, max_entries: int = 256) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores.
+
+        ``max_entries`` is only the first guess: a longer list is fetched whole.
+        """
         obj = self._get_growing("KVM_GET_MSR_INDEX_LIST", KVM_GET_MSR_INDEX_LIST,
-                                make_kvm_msr_list, "nmsrs", 256)
+                                make_kvm_msr_list, "nmsrs", max_entries)
         return [obj.indices[i] for i in range(obj.nmsrs)]
 
     def create_vm(self) -> VmFd:
@@ -1070,12 +1121,37 @@ class Kvm(_FdOwner):
         return VmFd(fd, mmap_size)
 
 
+_U32_MAX = 0xFFFF_FFFF
+
+
+def _check_slot(slot: int) -> None:
+    # ctypes would silently wrap a larger value into another slot.
+    if not 0 <= slot <= _U32_MAX:
+        raise ValueError(f"a memory slot is a u32 (address space << 16 | slot id), not {slot}")
+
+
 class VmFd(_FdOwner):
-    """A VM's fd, from :meth:`Kvm.create_vm`."""
+    """A VM's fd, from :meth:`Kvm.create_vm`.
+
+    It remembers the size of each memory slot it registered, which is what KVM_GET_DIRTY_LOG
+    writes a bit for, and the XSAVE size its vCPUs' KVM_GET_XSAVE2 writes.
+    """
 
     def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
         super().__init__(fd)
         self._vcpu_mmap_size = vcpu_mmap_size
+        # slot (the full u32: address space << 16 | id) -> memory_size, as the kernel has it.
+        self._slot_sizes: dict[int, int] = {}
+        self._xsave2_size: int | None = None
+
+    def _describe(self) -> str:
+        return "this VmFd"
+
+    @property
+    def slot_sizes(self) -> dict[int, int]:
+        """A copy of ``{slot: memory_size}`` for every memory slot registered through this object."""
+        with self._lock:
+            return dict(self._slot_sizes)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM (some capabilities answer per VM)."""
@@ -1083,10 +1159,21 @@ class VmFd(_FdOwner):
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int, flags: int = 0) -> None:
-        """KVM_SET_USER_MEMORY_REGION: map host memory into a guest slot (size 0 deletes it)."""
+        """KVM_SET_USER_MEMORY_REGION: map host memory into a guest slot (size 0 deletes it).
+
+        ``slot`` is the kernel's u32: the address space in bits 16-31 and the slot id below.
+        """
+        _check_slot(slot)
         region = kvm_userspace_memory_region(slot, flags, guest_phys_addr, memory_size,
                                              userspace_addr)
-        self._ioctl_buf("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, region)
+        # One critical section with the bookkeeping: get_dirty_log never sees a size the kernel
+        # no longer has.
+        with self._lock:
+            self._ioctl_buf("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, region)
+            if memory_size:
+                self._slot_sizes[slot] = memory_size
+            else:
+                self._slot_sizes.pop(slot, None)
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC pair, IOAPIC and per-vCPU LAPICs."""
@@ -1168,31 +1255,86 @@ class VmFd(_FdOwner):
         """KVM_SET_CLOCK."""
         self._ioctl_buf("KVM_SET_CLOCK", KVM_SET_CLOCK, data)
 
-    def get_dirty_log(self, slot: int, memory_size: int) -> bytearray:
-        """KVM_GET_DIRTY_LOG: one bit per page of the slot (bit 0 = its first page), then cleared."""
-        pages = (memory_size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        # The kernel writes whole 64-bit words.
-        bitmap = bytearray(((pages + 63) // 64) * 8)
-        holder = (c_char * len(bitmap)).from_buffer(bitmap)
-        arg = kvm_dirty_log(slot=slot)
-        arg.dirty_bitmap = ctypes.addressof(holder)
-        try:
-            self._ioctl_buf("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG, arg)
-        finally:
-            del holder
+    def get_dirty_log(self, slot: int, memory_size: int | None = None) -> bytearray:
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot (bit 0 = its first page), then cleared.
+
+        The kernel writes a bit for every page of the slot as it was registered, so the bitmap is
+        sized from the size :meth:`set_user_memory_region` gave. ``memory_size`` is optional and
+        only checked against it.
+
+        Raises:
+            KernelBufferError: this object never registered ``slot`` (or deleted it), or
+                ``memory_size`` is not the slot's size. Nothing is read from the kernel then.
+        """
+        _check_slot(slot)
+        with self._lock:
+            self._check_open("KVM_GET_DIRTY_LOG")
+            registered = self._slot_sizes.get(slot)
+            if registered is None:
+                asked = "" if memory_size is None else f" (asked for {memory_size:#x} bytes)"
+                raise KernelBufferError(
+                    f"KVM_GET_DIRTY_LOG: memory slot {slot:#x} was not registered through this "
+                    f"VmFd{asked}, so the size of its bitmap is unknown")
+            if memory_size is not None and memory_size != registered:
+                raise KernelBufferError(
+                    f"KVM_GET_DIRTY_LOG: memory slot {slot:#x} is registered with {registered:#x} "
+                    f"bytes, not the {memory_size:#x} asked for; the kernel writes a bit for every "
+                    "page of the registered size")
+            pages = (registered + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            # The kernel writes whole 64-bit words.
+            bitmap = bytearray(((pages + 63) // 64) * 8)
+            holder = (c_char * len(bitmap)).from_buffer(bitmap)
+            arg = kvm_dirty_log(slot=slot)
+            arg.dirty_bitmap = ctypes.addressof(holder)
+            try:
+                self._ioctl_buf("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG, arg)
+            finally:
+                del holder
         return bitmap
+
+    @property
+    def xsave2_size(self) -> int | None:
+        """The bytes KVM_GET_XSAVE2 writes for this VM's vCPUs; None until the first vCPU exists.
+
+        ``KVM_CAP_XSAVE2`` on the VM fd, at least ``sizeof(struct kvm_xsave)``.
+        """
+        return self._xsave2_size
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         """KVM_CREATE_VCPU, with the vCPU's ``kvm_run`` page mapped at once."""
         fd = self._ioctl_int("KVM_CREATE_VCPU", KVM_CREATE_VCPU, vcpu_id)
-        return VcpuFd(fd, self._vcpu_mmap_size)
+        try:
+            with self._lock:
+                if self._xsave2_size is None:
+                    # Asked after the first vCPU exists, not with the VM: the size follows the
+                    # process's permission for large XSAVE features (AMX), which the process may
+                    # still widen until its first vCPU is created and cannot change afterwards.
+                    cap = self.check_extension(Cap.KVM_CAP_XSAVE2)
+                    # 0 on kernels without KVM_GET_XSAVE2, which then writes nothing.
+                    self._xsave2_size = max(cap, sizeof(kvm_xsave))
+                xsave2_size = self._xsave2_size
+        except BaseException:
+            os.close(fd)
+            raise
+        return VcpuFd(fd, self._vcpu_mmap_size, vcpu_id=vcpu_id, xsave2_size=xsave2_size)
 
 
 class VcpuFd(_FdOwner):
-    """A vCPU's fd, from :meth:`VmFd.create_vcpu`; ``kvm_run`` is mapped once for its lifetime."""
+    """A vCPU's fd, from :meth:`VmFd.create_vcpu`; ``kvm_run`` is mapped once for its lifetime.
 
-    def __init__(self, fd: int, mmap_size: int) -> None:
+    Args:
+        fd: the fd KVM_CREATE_VCPU returned; the object owns it.
+        mmap_size: KVM_GET_VCPU_MMAP_SIZE.
+        vcpu_id: the vCPU's id, for messages.
+        xsave2_size: the bytes KVM_GET_XSAVE2 writes (``KVM_CAP_XSAVE2`` on the VM fd, asked after
+            the VM's first vCPU exists). Without it :meth:`get_xsave2` refuses to run.
+    """
+
+    def __init__(self, fd: int, mmap_size: int, *, vcpu_id: int | None = None,
+                 xsave2_size: int | None = None) -> None:
         super().__init__(fd)
+        self._vcpu_id = vcpu_id
+        self._xsave2_size = xsave2_size
         self._run_map: mmap.mmap | None = None
         try:
             self._run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
@@ -1210,29 +1352,48 @@ class VcpuFd(_FdOwner):
         """The mapped ``struct kvm_run`` (valid until :meth:`close`)."""
         return self._run
 
+    @property
+    def xsave2_size(self) -> int | None:
+        """The bytes KVM_GET_XSAVE2 writes for this vCPU (None when not known)."""
+        return self._xsave2_size
+
+    def _describe(self) -> str:
+        return "this VcpuFd" if self._vcpu_id is None else f"the VcpuFd of vCPU {self._vcpu_id}"
+
     def close(self) -> None:
-        """Unmap ``kvm_run`` and close the fd; safe to call twice."""
-        run_map, self._run_map = self._run_map, None
-        if run_map is not None:
-            del self._run
-            views, self._views = self._views, {}
-            for view in (*views.values(), self._run_view):
+        """Unmap ``kvm_run`` and close the fd; safe to call twice.
+
+        It does not wait for a KVM_RUN in progress on another thread: the kernel keeps the vCPU
+        until that returns, and :meth:`run` then raises :class:`~kvmlib.errors.ClosedError`.
+        """
+        with self._lock:
+            run_map, self._run_map = self._run_map, None
+            if run_map is not None:
+                del self._run
+                views, self._views = self._views, {}
+                for view in (*views.values(), self._run_view):
+                    try:
+                        view.release()
+                    except BufferError:
+                        pass  # something acquired a buffer from it; see below
                 try:
-                    view.release()
+                    run_map.close()
                 except BufferError:
-                    pass  # something acquired a buffer from it; see below
-            try:
-                run_map.close()
-            except BufferError:
-                # A caller still holds a view of its own making: the mapping is released with the
-                # last such view instead, so no view ever points at unmapped memory.
-                pass
-        super().close()
+                    # A caller still holds a view of its own making: the mapping is released with
+                    # the last such view instead, so no view ever points at unmapped memory.
+                    pass
+            super().close()
 
     def set_immediate_exit(self, value: bool) -> None:
-        """Set ``kvm_run.immediate_exit``: the next (or interrupted) KVM_RUN returns EINTR at once."""
-        if self._run_map is not None:
+        """Set ``kvm_run.immediate_exit``: the next (or interrupted) KVM_RUN returns EINTR at once.
+
+        Does nothing once the vCPU is closed, also when :meth:`close` runs concurrently.
+        """
+        # No lock: a kick must never wait behind an ioctl that itself waits for KVM_RUN to return.
+        try:
             self._run_view[_IMMEDIATE_EXIT_OFF] = 1 if value else 0
+        except ValueError:
+            pass  # close() released the view: no KVM_RUN is left to stop
 
     def run(self) -> VcpuExit:
         """KVM_RUN, decoded. EINTR is not an error but :class:`Intr`.
@@ -1240,33 +1401,47 @@ class VcpuFd(_FdOwner):
         Port and MMIO exits carry ``data`` as a view into ``kvm_run``: write into it the answer to an
         :class:`IoIn` or :class:`MmioRead` before the next :meth:`run`. Like the page it shows, a
         view is only meaningful until the next :meth:`run`, and it is released by :meth:`close`.
+
+        Unlike the other methods it takes no lock (it is the hot path, and it blocks for as long as
+        the guest runs): it is the vCPU thread's to call, and a :meth:`close` from elsewhere should
+        come only once that thread has left its loop. Run on a closed vCPU, or closed while it
+        ran, it raises :class:`~kvmlib.errors.ClosedError`.
         """
         if _run_ioctl(self._fd, KVM_RUN, 0) < 0:
             err = _get_errno()
             if err == _errno.EINTR:
                 return _INTR
+            if self._fd < 0:
+                raise self._closed_error("KVM_RUN")
             raise KvmIoctlError("KVM_RUN", err)
-        reason, direction, size, port, count, offset = _HEAD_UNPACK(self._run_view, _EXIT_REASON_OFF)
-        if reason == KVM_EXIT_IO:
-            length = size * count
-            data = self._views.get((offset << 32) | length)
-            if data is None:
-                data = self._view(offset, length)
+        try:
+            reason, direction, size, port, count, offset = _HEAD_UNPACK(self._run_view,
+                                                                        _EXIT_REASON_OFF)
+            if reason == KVM_EXIT_IO:
+                length = size * count
+                data = self._views.get((offset << 32) | length)
                 if data is None:
-                    return Unknown(reason)
-            if direction == KVM_EXIT_IO_OUT:
-                return _tuple_new(IoOut, (port, size, count, data))
-            return _tuple_new(IoIn, (port, size, count, data))
-        if reason == KVM_EXIT_MMIO:
-            addr, _data, length, is_write = _MMIO_UNPACK(self._run_view, _EXIT_OFF)
-            data = self._views.get((_MMIO_DATA_OFF << 32) | length)
-            if data is None:
-                data = self._view(_MMIO_DATA_OFF, min(length, 8))
-                assert data is not None
-            if is_write:
-                return _tuple_new(MmioWrite, (addr, data))
-            return _tuple_new(MmioRead, (addr, data))
-        return self._decode_rare(reason)
+                    data = self._view(offset, length)
+                    if data is None:
+                        return Unknown(reason)
+                if direction == KVM_EXIT_IO_OUT:
+                    return _tuple_new(IoOut, (port, size, count, data))
+                return _tuple_new(IoIn, (port, size, count, data))
+            if reason == KVM_EXIT_MMIO:
+                addr, _data, length, is_write = _MMIO_UNPACK(self._run_view, _EXIT_OFF)
+                data = self._views.get((_MMIO_DATA_OFF << 32) | length)
+                if data is None:
+                    data = self._view(_MMIO_DATA_OFF, min(length, 8))
+                    assert data is not None
+                if is_write:
+                    return _tuple_new(MmioWrite, (addr, data))
+                return _tuple_new(MmioRead, (addr, data))
+            return self._decode_rare(reason)
+        except ValueError:
+            # close() released the kvm_run views while KVM_RUN ran: the exit is lost with the vCPU.
+            if self._fd < 0:
+                raise self._closed_error("KVM_RUN") from None
+            raise
 
     def _view(self, offset: int, length: int) -> memoryview | None:
         """A cached view of ``kvm_run[offset:offset+length]``; None if it leaves the mapping.
@@ -1347,13 +1522,27 @@ class VcpuFd(_FdOwner):
                                 f"wrote {got} of {len(pairs)} MSRs; first refused: {bad}")
 
     def set_cpuid2(self, cpuid: Any) -> None:
-        """KVM_SET_CPUID2 with a ``kvm_cpuid2`` from :func:`make_kvm_cpuid2`."""
+        """KVM_SET_CPUID2 with a ``kvm_cpuid2`` from :func:`make_kvm_cpuid2`.
+
+        Raises:
+            KernelBufferError: ``nent`` counts more entries than the structure holds (the kernel
+                reads ``nent`` of them).
+        """
+        have = sizeof(cpuid)
+        need = sizeof(kvm_cpuid2) + cpuid.nent * sizeof(kvm_cpuid_entry2)
+        if need > have:
+            raise KernelBufferError(f"KVM_SET_CPUID2: nent is {cpuid.nent} but the structure holds "
+                                    f"{(have - sizeof(kvm_cpuid2)) // sizeof(kvm_cpuid_entry2)} "
+                                    "entries")
         self._ioctl_buf("KVM_SET_CPUID2", KVM_SET_CPUID2, cpuid)
 
     def get_cpuid2(self, max_entries: int = 256) -> Any:
-        """KVM_GET_CPUID2: the CPUID this vCPU was given."""
-        obj = make_kvm_cpuid2(max_entries)
-        self._ioctl_buf("KVM_GET_CPUID2", KVM_GET_CPUID2, obj)
+        """KVM_GET_CPUID2: the CPUID this vCPU was given.
+
+        ``max_entries`` is only the first guess: a larger table is fetched whole.
+        """
+        obj = self._get_growing("KVM_GET_CPUID2", KVM_GET_CPUID2, make_kvm_cpuid2, "nent",
+                                max_entries)
         return make_kvm_cpuid2(obj.entries[i] for i in range(obj.nent))
 
     def get_lapic(self) -> kvm_lapic_state:
@@ -1369,17 +1558,43 @@ class VcpuFd(_FdOwner):
         return self._get("KVM_GET_XSAVE", KVM_GET_XSAVE, kvm_xsave)
 
     def set_xsave(self, xsave: kvm_xsave | bytearray) -> None:
-        """KVM_SET_XSAVE; a ``bytearray`` when the area is larger than 4 KiB (see :meth:`get_xsave2`)."""
+        """KVM_SET_XSAVE; a ``bytearray`` when the area is larger than 4 KiB (see :meth:`get_xsave2`).
+
+        The kernel reads as many bytes as KVM_GET_XSAVE2 writes, whatever it is given: an area
+        shorter than that (but at least ``struct kvm_xsave``) is zero-extended first, so the kernel
+        never reads past it.
+        """
+        known = self._xsave2_size
+        have = _buffer_size(xsave)
+        if known is not None and sizeof(kvm_xsave) <= have < known:
+            padded = bytearray(known)
+            padded[:have] = bytes(xsave)
+            xsave = padded
         self._ioctl_buf("KVM_SET_XSAVE", KVM_SET_XSAVE, xsave)
 
-    def get_xsave2(self, size: int) -> bytearray:
-        """KVM_GET_XSAVE2: the whole XSAVE area, ``size`` bytes (``KVM_CAP_XSAVE2`` on the VM fd).
+    def get_xsave2(self, size: int | None = None) -> bytearray:
+        """KVM_GET_XSAVE2: the whole XSAVE area, :attr:`xsave2_size` bytes by default.
 
-        The kernel writes as much as the guest's enabled features need, which may exceed the
-        4 KiB of ``struct kvm_xsave``; the buffer must be at least that large.
+        The kernel writes as much as the VM's permitted XSAVE features need (``KVM_CAP_XSAVE2``
+        on the VM fd), which may exceed the 4 KiB of ``struct kvm_xsave``. A larger ``size`` gives
+        a zero-padded area.
+
+        Raises:
+            KernelBufferError: ``size`` is smaller than what the kernel writes, or this VcpuFd was
+                not made by :meth:`VmFd.create_vcpu` and does not know that size. Raised before the
+                ioctl.
         """
-        if size < ctypes.sizeof(kvm_xsave):
-            raise ValueError(f"an XSAVE area is at least {ctypes.sizeof(kvm_xsave)} bytes, not {size}")
+        known = self._xsave2_size
+        if known is None:
+            raise KernelBufferError(
+                f"KVM_GET_XSAVE2: the size the kernel writes is unknown for {self._describe()} "
+                "(only a VcpuFd from VmFd.create_vcpu knows its VM's KVM_CAP_XSAVE2)")
+        if size is None:
+            size = known
+        elif size < known:
+            raise KernelBufferError(
+                f"KVM_GET_XSAVE2 writes {known} bytes (KVM_CAP_XSAVE2) for {self._describe()}, "
+                f"more than the {size} asked for")
         area = bytearray(size)
         self._ioctl_buf("KVM_GET_XSAVE2", KVM_GET_XSAVE2, area)
         return area
