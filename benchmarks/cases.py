@@ -29,7 +29,12 @@ from kvmlib import (
     PioRange,
     VmConfig,
 )
-from kvmlib.arch.x86_64.regs import setup_boot_regs
+from kvmlib.arch.x86_64.regs import (
+    BootProtocol,
+    BootState,
+    set_boot_registers,
+    write_boot_tables,
+)
 from kvmlib.ioctl import KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_regs
 from kvmlib.snapshot import restore_snapshot, save_snapshot
 
@@ -120,12 +125,14 @@ def _memory(size: int, code: bytes, *, log_dirty_pages: bool = False) -> GuestMe
 def _to_ring3(vm: KvmVm, memory: GuestMemoryMmap) -> None:
     """Every vCPU runnable at CODE in ring 3 with IOPL 3, on user-accessible identity tables."""
     user = 0x4
+    write_boot_tables(memory, BootProtocol.LONG_MODE)
     memory.write_u64(0x9000, 0xA000 | 0x23 | user)
     memory.write_u64(0xA000, 0xB000 | 0x23 | user)
     for i in range(512):
         memory.write_u64(0xB000 + 8 * i, (i << 21) | 0xE3 | user)
     for vcpu in vm.vcpus:
         fd = vcpu.vcpu_fd
+        set_boot_registers(fd, BootState.long_mode(CODE))
         sregs = fd.get_sregs()
         for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
             seg.dpl = 3
@@ -155,7 +162,8 @@ def _exit_raw_loop(ctx: Context, config: VmConfig, exits: int) -> float:
     with _memory(2 << 20, guests.exit_loop(exits)) as memory, \
             KvmVm.new(ctx.kvm, config, memory, EventExitHandler(), IoManager()) as vm:
         fd = vm.vcpus[0].vcpu_fd
-        setup_boot_regs(fd, CODE)
+        write_boot_tables(memory, BootProtocol.LONG_MODE)
+        set_boot_registers(fd, BootState.long_mode(CODE))
         run = fd.run
         count, first = 0, 0.0
         while True:

@@ -178,6 +178,14 @@ def test_every_transition_is_in_the_table() -> None:
         run_state.move(S.PAUSED)
 
 
+def test_run_refuses_until_every_vcpu_is_attached() -> None:
+    life = Lifecycle(2, EventExitHandler())
+    life.attach([FakeVcpu(0, life.barrier, life.run_state)])
+    with pytest.raises(VmError, match="1 vCPUs were created but the configuration asks for 2"):
+        life.run(None)
+    assert state_of(life) is S.CREATED
+
+
 def test_calls_refused_before_run(make: Callable[..., tuple[Lifecycle, list[FakeVcpu]]]) -> None:
     life, _ = make()
     with pytest.raises(VmError, match="cannot pause: the VM is created; run"):

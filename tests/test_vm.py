@@ -176,17 +176,30 @@ def test_an_exception_in_a_device_is_raised_by_shutdown(make_vm: Factory) -> Non
     vm.shutdown()  # reported once; later calls are quiet
 
 
-def test_run_refuses_a_second_start_and_a_missing_vcpu(kvm: Kvm, make_vm: Factory) -> None:
+def test_run_refuses_a_second_start(make_vm: Factory) -> None:
     vm = make_vm(1, {BSP_CODE: SPIN})
     vm.run(BSP_CODE)
     with pytest.raises(VmError, match="running \\(a VM runs once\\)"):
         vm.run(BSP_CODE)
     vm.shutdown()
-    with memory_with({}) as memory:
-        config = VmConfig.from_kvm(kvm, 2)
-        bare = KvmVm.create_vm(kvm, config, EventExitHandler(), memory)
-        with bare, pytest.raises(VmError, match="0 vCPUs were created"):
-            bare.run()
+
+
+def test_creating_vcpus_writes_nothing_into_guest_memory(make_vm: Factory) -> None:
+    vm = make_vm(4, {})
+    memory = vm.guest_memory
+    mptable = range(0x9FC00, 0xA0000)  # the MP table is the VM's, written once by new()
+    written = [a for a in range(0, RAM_SIZE, 0x1000) if any(memory.read(a, 0x1000))]
+    assert all(a // 0x1000 == mptable.start // 0x1000 for a in written), [hex(a) for a in written]
+
+
+def test_run_at_an_address_writes_the_boot_tables_once_and_starts_there(make_vm: Factory) -> None:
+    vm = make_vm(1, {BSP_CODE: SPIN})
+    vm.run(BSP_CODE)
+    vm.pause()
+    regs, sregs = vm.vcpu_regs(0), vm.vcpu_sregs(0)
+    assert regs.rip == BSP_CODE and sregs.cs.selector == 0x10 and sregs.cs.l == 1
+    assert sregs.cr3 == 0x9000 and vm.guest_memory.read_u64(0x9000) & 1  # PML4[0] present
+    vm.shutdown()
 
 
 def test_configuration_is_validated() -> None:
@@ -263,7 +276,7 @@ def test_more_regions_than_memslots_is_refused(kvm: Kvm, monkeypatch: pytest.Mon
     monkeypatch.setattr(kvm, "check_extension", lambda cap: 2)
     with GuestMemoryMmap.from_ranges([(0, 0x1000), (0x2000, 0x1000), (0x4000, 0x1000)]) as memory, \
             pytest.raises(VmError, match="3 regions but KVM offers only 2"):
-        KvmVm.create_vm(kvm, VmConfig.from_kvm(kvm, 1), EventExitHandler(), memory)
+        KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(), IoManager())
 
 
 class MmioRecorder:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvmlib import GuestMemoryMmap, Kvm, SnapshotError, VmError
+from kvmlib.arch.x86_64.regs import BootState
 from kvmlib.bus import IoManager
 from kvmlib.exit_handler import EventExitHandler
 from kvmlib.memory import PAGE_SIZE
@@ -114,8 +115,9 @@ def test_a_corrupted_state_encoding_is_refused() -> None:
 def test_dirty_pages_are_exactly_the_pages_the_guest_wrote(make_vm: Factory) -> None:
     pages = [0x100, 0x101, 0x180, 0x3FF]
     vm, _, counter = make_vm(scribble(pages, 0x5A), log_dirty_pages=True)
-    vm.dirty_pages()  # forget what was written while building the VM
-    vm.run(CODE)
+    vm.load_boot_state(BootState.long_mode(CODE))
+    vm.dirty_pages()  # forget what was written while building the VM and its boot tables
+    vm.run()
     assert counter.wait_done()
     vm.pause()
     (bitmap,) = vm.dirty_pages()

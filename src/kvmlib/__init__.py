@@ -47,10 +47,11 @@ from kvmlib.ioctl import (
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory_image import MemoryImage
+from kvmlib.reset import VmSnapshot
 from kvmlib.runstate import LifecycleState, VcpuRunState, VmRunState
 from kvmlib.state import DeviceState, VcpuState, VmState
 from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList
-from kvmlib.vm import KvmVm, Snapshot, Vm, VmConfig
+from kvmlib.vm import KvmVm, Vm, VmConfig
 
 __version__ = "0.1.0"
 
@@ -89,7 +90,6 @@ __all__ = [
     "PioDevice",
     "PioRange",
     "Shutdown",
-    "Snapshot",
     "SnapshotError",
     "StatefulDevice",
     "SystemEvent",
@@ -107,6 +107,7 @@ __all__ = [
     "VmError",
     "VmFd",
     "VmRunState",
+    "VmSnapshot",
     "VmState",
     "__version__",
 ]

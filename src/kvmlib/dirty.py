@@ -111,6 +111,8 @@ class DirtyTracker:
         self._regions = tuple(regions)
         self._fetch = fetch
         self._cursors: dict[str, list[int]] = {}
+        # What each cursor's start stands for (e.g. the id of the snapshot file it runs from).
+        self._labels: dict[str, str | None] = {}
         # Draining the kernel's log and folding it into every cursor must not interleave.
         self._lock = threading.RLock()
 
@@ -132,6 +134,7 @@ class DirtyTracker:
         with self._lock:
             self._drain()
             self._cursors[cursor] = [0] * len(self._regions)
+            self._labels[cursor] = None
 
     def peek(self, cursor: str) -> list[DirtyBitmap]:
         """What ``cursor`` has accumulated, one bitmap per tracked region, without clearing it."""
@@ -152,6 +155,16 @@ class DirtyTracker:
     def tracking(self, cursor: str) -> bool:
         """Whether :meth:`start` was called for ``cursor``."""
         return cursor in self._cursors
+
+    def label(self, cursor: str) -> str | None:
+        """What the reader said ``cursor``'s start stands for (:meth:`set_label`), if anything."""
+        with self._lock:
+            return self._labels.get(cursor)
+
+    def set_label(self, cursor: str, label: str | None) -> None:
+        """Record what ``cursor``'s start stands for; :meth:`start` clears it."""
+        with self._lock:
+            self._labels[cursor] = label
 
 
 __all__ = ["DirtyBitmap", "DirtyLogFetch", "DirtyTracker"]

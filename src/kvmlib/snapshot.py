@@ -41,7 +41,6 @@ import secrets
 import stat
 import time
 import uuid
-import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,8 +79,6 @@ _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _ZERO = ctypes.create_string_buffer(CHUNK)
 _ZERO_ADDR = ctypes.addressof(_ZERO)
 
-# The snapshot id each VM last saved (the base its dirty tracking runs from).
-_last_saved: weakref.WeakKeyDictionary[KvmVm, str] = weakref.WeakKeyDictionary()
 
 
 @attrs.define(frozen=True, slots=True)
@@ -162,7 +159,7 @@ def save_snapshot(vm: KvmVm, path: str | os.PathLike[str], *,
     }
     if base is not None:
         base_info = read_manifest(base)
-        if _last_saved.get(vm) != base_info.id:
+        if vm.dirty_tracker.label(_FILE_CURSOR) != base_info.id:
             raise SnapshotError(f"{base} is not the last snapshot saved from this VM, so the pages "
                                 "dirtied since it are not known; save a full snapshot instead")
         if base_info.memory != state.memory:
@@ -199,11 +196,12 @@ def save_snapshot(vm: KvmVm, path: str | os.PathLike[str], *,
         if tracking_moved:
             # The file cursor no longer starts at the last snapshot saved: a diff on it would
             # miss the pages dirtied before this attempt.
-            _last_saved.pop(vm, None)
+            vm.dirty_tracker.set_label(_FILE_CURSOR, None)
         raise
     finally:
         os.close(tmp_fd)
-    _last_saved[vm] = snapshot_id
+    # The file cursor now runs from this snapshot: a diff on it holds exactly what changed since.
+    vm.dirty_tracker.set_label(_FILE_CURSOR, snapshot_id)
     with _os_errors(f"{target} was written, but making its rename durable failed (it may not "
                     f"survive a crash): syncing {target.parent}"):
         _fsync_dir(target.parent)

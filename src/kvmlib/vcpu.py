@@ -27,7 +27,7 @@ from kvmlib.arch.x86_64.cpuid import (
 )
 from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
 from kvmlib.arch.x86_64.msrs import boot_msr_entries
-from kvmlib.arch.x86_64.regs import setup_boot_regs, setup_fpu, setup_lapic, setup_sregs
+from kvmlib.arch.x86_64.regs import BootState, set_boot_registers, setup_fpu, setup_lapic
 from kvmlib.bus import IoManager
 from kvmlib.errors import KvmIoctlError, VcpuError, VmError
 from kvmlib.ioctl import (
@@ -55,7 +55,7 @@ from kvmlib.ioctl import (
     kvm_xsave,
     make_kvm_cpuid2,
 )
-from kvmlib.memory import GuestAddress, GuestMemoryMmap
+from kvmlib.memory import GuestAddress
 from kvmlib.runstate import VcpuRunState, VmRunState
 from kvmlib.state import VcpuState
 
@@ -211,14 +211,15 @@ class KvmVcpu:
         num_vcpus: how many vCPUs the VM has (CPUID topology).
         run_barrier: passed by every vCPU before its first KVM_RUN.
         run_state: the VM-wide run state.
-        memory: guest memory, for the GDT and page tables written at creation.
-        state: a saved state to put the vCPU in instead of the boot state (nothing is then
-            written to guest memory).
+        state: a saved state to put the vCPU in instead of the reset state.
+
+    Creating a vCPU writes nothing into guest memory: the boot state (tables and registers) is
+    loaded by :meth:`kvmlib.KvmVm.run` given an address, or by the kernel loader.
     """
 
     def __init__(self, vm_fd: VmFd, bus: IoManager, config: VcpuConfig, num_vcpus: int,
                  run_barrier: threading.Barrier, run_state: VcpuRunState,
-                 memory: GuestMemoryMmap, state: VcpuState | None = None) -> None:
+                 state: VcpuState | None = None) -> None:
         self.config = config
         self.bus = bus
         self.run_barrier = run_barrier
@@ -233,18 +234,17 @@ class KvmVcpu:
         self._xsave_size = max(vm_fd.check_extension(Cap.KVM_CAP_XSAVE2), ctypes.sizeof(kvm_xsave))
         try:
             if state is None:
-                self._configure(num_vcpus, memory)
+                self._configure(num_vcpus)
             else:
                 self.restore_state(state)
         except BaseException:
             self.vcpu_fd.close()
             raise
 
-    def _configure(self, num_vcpus: int, memory: GuestMemoryMmap) -> None:
+    def _configure(self, num_vcpus: int) -> None:
         fd = self.vcpu_fd
         fd.set_cpuid2(to_kvm_cpuid2(filter_cpuid(self.config.cpuid, self.config.id, num_vcpus)))
         fd.set_msrs(boot_msr_entries())
-        setup_sregs(fd, memory)
         setup_fpu(fd)
         # The LAPIC exists only once the VM has an in-kernel irqchip.
         try:
@@ -261,6 +261,14 @@ class KvmVcpu:
     def get_regs(self) -> kvm_regs:
         """KVM_GET_REGS; only meaningful while the vCPU is parked or not started."""
         return self.vcpu_fd.get_regs()
+
+    def load_boot_state(self, state: BootState) -> None:
+        """Load ``state``'s segment, control and general registers (not while in KVM_RUN).
+
+        The boot tables must be in guest memory too (:meth:`kvmlib.KvmVm.load_boot_state` writes
+        them).
+        """
+        set_boot_registers(self.vcpu_fd, state)
 
     def get_sregs(self) -> kvm_sregs:
         """KVM_GET_SREGS; only meaningful while the vCPU is parked or not started."""
@@ -346,7 +354,8 @@ class KvmVcpu:
             VcpuError: KVM reported an internal error, a failed entry or an unknown exit.
         """
         if instruction_pointer is not None:
-            setup_boot_regs(self.vcpu_fd, int(instruction_pointer))
+            # The tables were written by whoever chose the address (KvmVm.run).
+            self.load_boot_state(BootState.long_mode(instruction_pointer))
         with self._kick_lock:
             self._thread_ident = threading.get_ident()
         try:

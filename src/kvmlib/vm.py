@@ -19,6 +19,7 @@ import attrs
 from kvmlib.arch.x86_64.cpuid import CpuidEntry
 from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
 from kvmlib.arch.x86_64.mptable import MpTable
+from kvmlib.arch.x86_64.regs import BootProtocol, BootState, write_boot_tables
 from kvmlib.bus import IoManager
 from kvmlib.dirty import DirtyBitmap, DirtyTracker
 from kvmlib.errors import SnapshotError, VmError
@@ -40,7 +41,8 @@ from kvmlib.ioctl import (
 )
 from kvmlib.lifecycle import Lifecycle
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
-from kvmlib.memory_image import MemoryImage, layout_of
+from kvmlib.memory_image import layout_of
+from kvmlib.reset import FastReset, VmSnapshot
 from kvmlib.resources import Closeable
 from kvmlib.runstate import LifecycleState, VcpuRunState
 from kvmlib.state import DeviceState, VmState
@@ -100,23 +102,6 @@ class VmConfig:
         return cls(state.num_vcpus, VcpuConfigList(configs))
 
 
-@attrs.define(frozen=True, slots=True, eq=False)
-class Snapshot(Closeable):
-    """A VM's state and a copy of its memory, held in this process.
-
-    What :meth:`KvmVm.reset_to` goes back to. Take one with :meth:`KvmVm.snapshot`; :meth:`close`
-    frees the memory copy.
-    """
-
-    state: VmState
-    memory: MemoryImage
-
-    def close(self) -> None:
-        """Free the memory copy; idempotent."""
-        self.memory.close()
-
-
-
 @runtime_checkable
 class Vm(Protocol):
     """The contract of a VM: a lifecycle callers can drive without knowing the backend.
@@ -152,9 +137,8 @@ class Vm(Protocol):
         """Release every resource."""
 
 
-#: Dirty-tracking readers of a VM (see :class:`kvmlib.dirty.DirtyTracker`).
+#: The dirty-tracking reader behind :meth:`KvmVm.dirty_pages` (see :class:`kvmlib.dirty.DirtyTracker`).
 USER_DIRTY_CURSOR = "user"
-RESET_DIRTY_CURSOR = "reset"
 
 
 class KvmVm(Closeable):
@@ -169,12 +153,15 @@ class KvmVm(Closeable):
     """
 
     def __init__(self, fd: VmFd, config: VmConfig, exit_handler: ExitHandler,
-                 guest_memory: GuestMemoryMmap) -> None:
+                 guest_memory: GuestMemoryMmap, bus: IoManager) -> None:
+        # Private: build VMs with new() or from_state(), which also create the slots and vCPUs.
         self.fd = fd
         #: The guest memory registered with KVM (still owned and closed by the caller).
         self.guest_memory = guest_memory
         self.config = config
         self.exit_handler = exit_handler
+        #: Where the vCPUs send port and MMIO exits.
+        self.bus = bus
         self._life = Lifecycle(config.num_vcpus, exit_handler)
         #: The run state shared with the vCPUs; it holds the :attr:`lifecycle` state.
         self.vcpu_run_state = self._life.run_state
@@ -182,93 +169,24 @@ class KvmVm(Closeable):
         self.vcpu_barrier = self._life.barrier
         self._vcpus: list[KvmVcpu] = []
         guest_memory.acquire()
-        #: Where the vCPUs send port and MMIO exits (set by :meth:`create_vcpus`).
-        self.bus: IoManager | None = None
+        #: Pages written since each reader last asked (the user's, fast reset's, snapshot files').
         self.dirty_tracker = DirtyTracker(guest_memory.regions, self._fetch_dirty_log)
-        # The snapshot guest memory equalled when the reset cursor was last restarted.
-        self._synced: Snapshot | None = None
+        self._fast_reset = FastReset(self.dirty_tracker)
 
     # ---- creation -------------------------------------------------------------------------------
 
     @classmethod
     def new(cls, kvm: Kvm, vm_config: VmConfig, guest_memory: GuestMemoryMmap,
             exit_handler: ExitHandler, bus: IoManager) -> KvmVm:
-        """Create a VM ready to :meth:`run`: memory, MP table, irqchip, PIT and vCPUs."""
-        vm = cls.create_vm(kvm, vm_config, exit_handler, guest_memory)
+        """Create a VM ready to :meth:`run`: memory slots, MP table, irqchip, PIT and vCPUs."""
+        vm = cls._create(kvm, vm_config, exit_handler, guest_memory, bus)
         try:
             MpTable(vm_config.num_vcpus).write(guest_memory)
-            vm.setup_irq_controller()
-            vm.create_vcpus(bus, vm_config.vcpus_config, guest_memory)
+            vm._create_vcpus()
         except BaseException:
             vm.close()
             raise
         return vm
-
-    @classmethod
-    def create_vm(cls, kvm: Kvm, config: VmConfig, exit_handler: ExitHandler,
-                  guest_memory: GuestMemoryMmap) -> KvmVm:
-        """KVM_CREATE_VM and the memory slots: what a fresh and a restored VM share."""
-        vm = cls(kvm.create_vm(), config, exit_handler, guest_memory)
-        try:
-            vm.configure_memory_regions(guest_memory, kvm)
-        except BaseException:
-            vm.close()
-            raise
-        return vm
-
-    def configure_memory_regions(self, guest_memory: GuestMemoryMmap, kvm: Kvm) -> None:
-        """One KVM slot per region, with its read-only and dirty-logging flags."""
-        regions = guest_memory.regions
-        max_slots = kvm.check_extension(Cap.KVM_CAP_NR_MEMSLOTS)
-        if len(regions) > max_slots:
-            raise VmError(f"guest memory has {len(regions)} regions but KVM offers only "
-                          f"{max_slots} memory slots")
-        if any(r.read_only for r in regions) and not kvm.check_extension(Cap.KVM_CAP_READONLY_MEM):
-            raise VmError("a read-only region was requested but KVM lacks KVM_CAP_READONLY_MEM")
-        for slot, region in enumerate(regions):
-            self.fd.set_user_memory_region(slot, int(region.start_addr), region.size,
-                                           region.host_address, region.flags)
-        self.dirty_tracker.start(USER_DIRTY_CURSOR)
-
-    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytes:
-        return bytes(self.fd.get_dirty_log(slot, region.size))
-
-    def dirty_pages(self) -> list[DirtyBitmap]:
-        """The pages written since the previous call (or since the VM was created).
-
-        One bitmap per region created with ``log_dirty_pages``, holding guest writes
-        (``KVM_GET_DIRTY_LOG``) and host writes through :class:`~kvmlib.GuestMemoryMmap`.
-        Snapshots and fast reset track dirty pages separately, so calling this does not disturb
-        them.
-        """
-        with self._life.holding("dirty pages", "read dirty pages"):
-            return self.dirty_tracker.take(USER_DIRTY_CURSOR)
-
-    def setup_irq_controller(self) -> None:
-        """The TSS and identity-map pages, then the in-kernel irqchip and PIT.
-
-        KVM wants the TSS and identity map placed before any vCPU exists (Intel needs them for
-        real mode), and the irqchip before the vCPUs so that each gets an in-kernel LAPIC.
-        """
-        self.fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        self.fd.set_tss_address(KVM_TSS_ADDRESS)
-        self.fd.create_irqchip()
-        self.fd.create_pit2()
-
-    def create_vcpus(self, bus: IoManager, vcpus_config: VcpuConfigList,
-                     memory: GuestMemoryMmap, state: VmState | None = None) -> None:
-        """Create every vCPU, in its boot state or in its state from ``state``."""
-        with self._life.holding("run", "create vCPUs"):
-            if self._vcpus:
-                raise VmError("the vCPUs were already created")
-            self.bus = bus
-            for config in vcpus_config:
-                saved = state.vcpus[config.id] if state is not None else None
-                self._vcpus.append(KvmVcpu(self.fd, bus, config, self.config.num_vcpus,
-                                           self.vcpu_barrier, self.vcpu_run_state, memory, saved))
-            self._life.attach(self._vcpus)
-
-    # ---- state ----------------------------------------------------------------------------------
 
     @classmethod
     def from_state(cls, kvm: Kvm, state: VmState, guest_memory: GuestMemoryMmap,
@@ -283,17 +201,75 @@ class KvmVm(Closeable):
                 KVM object is created.
         """
         _check_fits(state, guest_memory, bus)
-        config = VmConfig.from_state(state)
-        vm = cls.create_vm(kvm, config, exit_handler, guest_memory)
+        vm = cls._create(kvm, VmConfig.from_state(state), exit_handler, guest_memory, bus)
         try:
-            vm.setup_irq_controller()
             vm._restore_vm_state(state)
-            vm.create_vcpus(bus, config.vcpus_config, guest_memory, state)
+            vm._create_vcpus(state)
             _restore_devices(state, bus)
         except BaseException:
             vm.close()
             raise
         return vm
+
+    @classmethod
+    def _create(cls, kvm: Kvm, config: VmConfig, exit_handler: ExitHandler,
+                guest_memory: GuestMemoryMmap, bus: IoManager) -> KvmVm:
+        """KVM_CREATE_VM, the memory slots and the in-kernel devices: what new and restored share."""
+        vm = cls(kvm.create_vm(), config, exit_handler, guest_memory, bus)
+        try:
+            vm._register_memory(kvm)
+            vm._create_irqchip()
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def _register_memory(self, kvm: Kvm) -> None:
+        """One KVM slot per region, with its read-only and dirty-logging flags."""
+        regions = self.guest_memory.regions
+        max_slots = kvm.check_extension(Cap.KVM_CAP_NR_MEMSLOTS)
+        if len(regions) > max_slots:
+            raise VmError(f"guest memory has {len(regions)} regions but KVM offers only "
+                          f"{max_slots} memory slots")
+        if any(r.read_only for r in regions) and not kvm.check_extension(Cap.KVM_CAP_READONLY_MEM):
+            raise VmError("a read-only region was requested but KVM lacks KVM_CAP_READONLY_MEM")
+        for slot, region in enumerate(regions):
+            self.fd.set_user_memory_region(slot, int(region.start_addr), region.size,
+                                           region.host_address, region.flags)
+        self.dirty_tracker.start(USER_DIRTY_CURSOR)
+
+    def _create_irqchip(self) -> None:
+        """The TSS and identity-map pages, then the in-kernel irqchip and PIT.
+
+        KVM wants the TSS and identity map placed before any vCPU exists (Intel needs them for
+        real mode), and the irqchip before the vCPUs so that each gets an in-kernel LAPIC.
+        """
+        self.fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        self.fd.set_tss_address(KVM_TSS_ADDRESS)
+        self.fd.create_irqchip()
+        self.fd.create_pit2()
+
+    def _create_vcpus(self, state: VmState | None = None) -> None:
+        """Create every vCPU, in its reset state or in its state from ``state``."""
+        for config in self.config.vcpus_config:
+            saved = state.vcpus[config.id] if state is not None else None
+            self._vcpus.append(KvmVcpu(self.fd, self.bus, config, self.config.num_vcpus,
+                                       self.vcpu_barrier, self.vcpu_run_state, saved))
+        self._life.attach(self._vcpus)
+
+    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytes:
+        return bytes(self.fd.get_dirty_log(slot))
+
+    def dirty_pages(self) -> list[DirtyBitmap]:
+        """The pages written since the previous call (or since the VM was created).
+
+        One bitmap per region created with ``log_dirty_pages``, holding guest writes
+        (``KVM_GET_DIRTY_LOG``) and host writes through :class:`~kvmlib.GuestMemoryMmap`.
+        Snapshots and fast reset track dirty pages separately, so calling this does not disturb
+        them.
+        """
+        with self._life.holding("dirty pages", "read dirty pages"):
+            return self.dirty_tracker.take(USER_DIRTY_CURSOR)
 
     def save_state(self) -> VmState:
         """The whole VM state, while paused (or before :meth:`run`).
@@ -304,8 +280,6 @@ class KvmVm(Closeable):
             KvmIoctlError: KVM refused a GET ioctl (including a short MSR read).
         """
         with self._life.holding("save", "save the state"):
-            if self.bus is None or len(self._vcpus) != self.config.num_vcpus:
-                raise VmError("cannot save the state of a VM whose vCPUs were not all created")
             clock = self.fd.get_clock()
             # KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME; the other flags describe the host.
             clock.flags &= KVM_CLOCK_REALTIME
@@ -325,21 +299,16 @@ class KvmVm(Closeable):
         for blob in (state.pic_master, state.pic_slave, state.ioapic):
             self.fd.set_irqchip(kvm_irqchip.from_buffer_copy(blob))
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> VmSnapshot:
         """The VM state and a copy of guest memory, while paused: a point to :meth:`reset_to`.
 
         From here on the VM tracks the pages written in regions created with ``log_dirty_pages``,
         so that resetting to this snapshot copies back only those.
         """
         with self._life.holding("save", "take a snapshot"):
-            state = self.save_state()
-            self.dirty_tracker.start(RESET_DIRTY_CURSOR)
-            image = MemoryImage.capture(self.guest_memory)
-            snap = Snapshot(state, image)
-            self._synced = snap
-            return snap
+            return self._fast_reset.capture(self.save_state(), self.guest_memory)
 
-    def reset_to(self, snapshot: Snapshot) -> int:
+    def reset_to(self, snapshot: VmSnapshot) -> int:
         """Put memory, vCPUs, in-kernel devices and bus devices back to ``snapshot``, while paused.
 
         When guest memory last equalled this snapshot (it was taken or last reset to here),
@@ -360,22 +329,11 @@ class KvmVm(Closeable):
             if snapshot.state.num_vcpus != len(self._vcpus):
                 raise SnapshotError(f"the snapshot has {snapshot.state.num_vcpus} vCPUs, the VM "
                                     f"{len(self._vcpus)}")
-            incremental = self._synced is snapshot and self.dirty_tracker.tracking(
-                RESET_DIRTY_CURSOR)
-            dirty = {d.slot: d for d in self.dirty_tracker.take(RESET_DIRTY_CURSOR)} \
-                if incremental else {}
-            copied = 0
-            for slot in range(len(self.guest_memory.regions)):
-                runs = dirty[slot].runs() if slot in dirty else None
-                copied += snapshot.memory.copy_to(self.guest_memory, slot, runs)
-            if not incremental:
-                self.dirty_tracker.start(RESET_DIRTY_CURSOR)
-                self._synced = snapshot
+            copied = self._fast_reset.restore_memory(snapshot, self.guest_memory)
             self._restore_vm_state(snapshot.state)
             for vcpu, saved in zip(self._vcpus, snapshot.state.vcpus, strict=True):
                 vcpu.restore_state(saved)
-            if self.bus is not None:
-                _restore_devices(snapshot.state, self.bus)
+            _restore_devices(snapshot.state, self.bus)
             return copied
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -404,13 +362,17 @@ class KvmVm(Closeable):
         """Start one thread per vCPU, named ``vcpu_{id}``, and return at once.
 
         Args:
-            vcpu_run_addr: where every vCPU starts (64-bit boot registers); None keeps the
-                registers already set.
+            vcpu_run_addr: where every vCPU starts, in 64-bit long mode with the first GiB
+                identity-mapped (the boot tables are written below 0xc000 first); None keeps the
+                registers already set (by the loader, or a restored state).
 
         Raises:
             VmError: the VM was already started, or not every vCPU was created.
         """
         setup_signal_handler()
+        if vcpu_run_addr is not None:
+            with self._life.holding("run"):
+                write_boot_tables(self.guest_memory, BootProtocol.LONG_MODE)
         self._life.run(vcpu_run_addr)
 
     def pause(self, timeout: float | None = None) -> None:
@@ -475,6 +437,22 @@ class KvmVm(Closeable):
         with self._life.holding("inspect", "read vCPU registers"):
             return self._vcpu(index).get_regs()
 
+    def load_boot_state(self, state: BootState, vcpu: int = 0) -> None:
+        """Put vCPU ``vcpu`` in ``state``'s boot state, so that :meth:`run` with no address starts it.
+
+        The one writer of boot state (:mod:`kvmlib.arch.x86_64.regs`) writes the protocol's GDT
+        and page tables below ``0xc000`` in guest memory, then loads the vCPU's registers. Allowed
+        before :meth:`run` and while paused.
+
+        Raises:
+            GuestMemoryError: guest memory does not cover the low pages the tables go in.
+            VmError: the VM is running or stopped, or has no vCPU ``vcpu``.
+        """
+        with self._life.holding("save", "load a boot state"):
+            target = self._vcpu(vcpu)
+            write_boot_tables(self.guest_memory, state.protocol)
+            target.load_boot_state(state)
+
     def vcpu_sregs(self, index: int) -> kvm_sregs:
         """VCPU ``index``'s special registers, under the same conditions as :meth:`vcpu_regs`."""
         with self._life.holding("inspect", "read vCPU registers"):
@@ -538,5 +516,5 @@ def _restore_devices(state: VmState, bus: IoManager) -> None:
 
 
 __all__ = [
-    "KVM_IDENTITY_MAP_ADDRESS", "KVM_TSS_ADDRESS", "KvmVm", "Snapshot", "Vm", "VmConfig",
+    "KVM_IDENTITY_MAP_ADDRESS", "KVM_TSS_ADDRESS", "USER_DIRTY_CURSOR", "KvmVm", "Vm", "VmConfig",
 ]

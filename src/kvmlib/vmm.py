@@ -45,10 +45,10 @@ from kvmlib.ioctl import Hlt, Kvm, Shutdown, SystemEvent
 from kvmlib.loader import (
     BootSetup,
     LoadedKernel,
+    boot_state,
     configure_boot,
     guest_ram_ranges,
     load_kernel,
-    setup_vcpu_for_boot,
 )
 from kvmlib.memory import GuestMemoryMmap
 from kvmlib.vcpu import MAX_VCPUS
@@ -274,7 +274,7 @@ class Vmm:
             vm_config = VmConfig.from_kvm(kvm, cfg.num_vcpus, cfg.template())
             with KvmVm.new(kvm, vm_config, memory, wakeup, bus) as vm:
                 vm.fd.register_irqfd(trigger.fd, COM1_IRQ)
-                setup_vcpu_for_boot(vm.vcpus[0].vcpu_fd, memory, boot)
+                vm.load_boot_state(boot_state(boot))
                 with _Console(cfg.serial_input, serial, self.stop) as console:
                     started = time.monotonic()
                     vm.run()

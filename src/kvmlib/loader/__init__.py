@@ -6,11 +6,12 @@ A VMM boots a kernel in this order (64-bit boot protocol and PVH alike)::
     kernel = load_kernel(memory, "/boot/vmlinuz")                        # bzImage or ELF vmlinux
     boot = configure_boot(memory, kernel, "console=ttyS0", initrd="/boot/initrd.img")
     vm = KvmVm.new(kvm, VmConfig.from_kvm(kvm, num_vcpus), memory, handler, bus)  # MP table, vCPUs
-    setup_vcpu_for_boot(vm.vcpus[0].vcpu_fd, memory, boot)              # after the vCPUs exist
+    vm.load_boot_state(boot_state(boot))                                 # GDT, page tables, vCPU 0
     vm.run()                                                             # no address: keep the registers
 
-``configure_boot`` may come before or after ``KvmVm.new`` (they write disjoint memory), but
-``setup_vcpu_for_boot`` must follow it: creating a vCPU rewrites the GDT and its registers. A bzImage
+``configure_boot`` and ``KvmVm.new`` may come in either order (they write disjoint memory; creating
+a vCPU writes none). :func:`setup_vcpu_for_boot` does what ``load_boot_state`` does on a bare
+:class:`~kvmlib.VcpuFd`. A bzImage
 or a plain ELF vmlinux is entered in 64-bit mode with RSI = the zero page; an ELF vmlinux with a
 PVH note is entered through PVH (32-bit protected mode, EBX = ``hvm_start_info``) unless
 ``configure_boot(..., pvh=False)`` asks for its 64-bit entry instead.
@@ -32,7 +33,7 @@ from kvmlib.loader.layout import (
     MMIO_GAP_START,
     guest_ram_ranges,
 )
-from kvmlib.loader.vcpu_boot import setup_vcpu_for_boot
+from kvmlib.loader.vcpu_boot import boot_state, setup_vcpu_for_boot
 
 __all__ = [
     "CMDLINE_MAX_SIZE",
@@ -49,6 +50,7 @@ __all__ = [
     "KernelKind",
     "LoadedKernel",
     "LoaderError",
+    "boot_state",
     "build_e820",
     "configure_boot",
     "guest_ram_ranges",

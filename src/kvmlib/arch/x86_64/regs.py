@@ -1,10 +1,18 @@
-"""Register state for a 64-bit boot: GDT, identity-mapped page tables, segments, FPU and LAPIC.
+"""The boot state of an x86-64 vCPU: GDT, identity-mapped page tables, segments, FPU and LAPIC.
 
-The low guest-physical pages below hold what this module writes; a guest program must not be
-loaded over them:
+This module is the one writer of a vCPU's boot state. :func:`write_boot_tables` puts the tables in
+guest memory and :func:`set_boot_registers` loads the segment, control and general registers for a
+:class:`BootState`; both :meth:`kvmlib.KvmVm.run` (a bare 64-bit entry) and the kernel loader
+(:func:`kvmlib.loader.setup_vcpu_for_boot`) go through them. Creating a vCPU writes nothing into
+guest memory.
+
+The 64-bit GDT has the Linux boot protocol's selectors (``__BOOT_CS`` 0x10, ``__BOOT_DS`` 0x18)
+with the TSS in the slot it leaves free (0x08); PVH uses the same slots for 32-bit descriptors. The
+low guest-physical pages below hold what this module writes; a guest program must not be loaded over
+them:
 
 ======================  =========================================
-``0x0500 - 0x051f``     GDT (null, code, data, TSS descriptors)
+``0x0500 - 0x051f``     GDT (null, TSS, code, data descriptors)
 ``0x0520 - 0x0527``     IDT (empty: the guest installs its own)
 ``0x7000``              zero page pointer given in RSI
 ``0x8ff0``              initial stack pointer (grows down)
@@ -14,7 +22,10 @@ loaded over them:
 
 from __future__ import annotations
 
+import enum
 import struct
+
+import attrs
 
 from kvmlib.ioctl import VcpuFd, kvm_regs, kvm_segment
 from kvmlib.memory import GuestAddress, GuestMemoryMmap
@@ -32,6 +43,8 @@ BOOT_DATA_END = 0xC000
 
 X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4
+X86_CR0_NW = 1 << 29
+X86_CR0_CD = 1 << 30
 X86_CR0_PG = 1 << 31
 X86_CR4_PAE = 1 << 5
 EFER_LME = 1 << 8
@@ -82,43 +95,120 @@ def segment_from_gdt(entry: int, table_index: int) -> kvm_segment:
     return seg
 
 
-# Null, 64-bit code, data, and a busy TSS: what long mode needs to run ring-0 code.
-BOOT_GDT = (
+#: The boot protocol's selectors (``arch/x86/include/asm/segment.h``), and the TSS in the slot the
+#: protocol leaves free, so every boot GDT has the same four entries at the same place.
+BOOT_TSS = 0x08
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+
+#: Null, busy 64-bit TSS (only ever cached, never reloaded), flat 64-bit code, flat data.
+LONG_MODE_GDT = (
     gdt_entry(0, 0, 0),
+    gdt_entry(0x808B, 0, 0xFFFFF),
     gdt_entry(0xA09B, 0, 0xFFFFF),
     gdt_entry(0xC093, 0, 0xFFFFF),
-    gdt_entry(0x808B, 0, 0xFFFFF),
 )
+#: Null, busy 32-bit TSS (base 0, limit 0x67), flat 32-bit code, flat 32-bit data.
+PROTECTED_MODE_GDT = (
+    gdt_entry(0, 0, 0),
+    gdt_entry(0x008B, 0, 0x67),
+    gdt_entry(0xC09B, 0, 0xFFFFF),
+    gdt_entry(0xC093, 0, 0xFFFFF),
+)
+_RFLAGS_RESERVED = 0x2  # bit 1 is reserved and must be set; IF, TF and VM stay clear
 
 
-def write_boot_tables(memory: GuestMemoryMmap) -> None:
-    """Write the GDT, the empty IDT and the page tables identity-mapping the first GiB."""
-    memory.write(GuestAddress(BOOT_GDT_OFFSET), struct.pack(f"<{len(BOOT_GDT)}Q", *BOOT_GDT))
+class BootProtocol(enum.Enum):
+    """The CPU mode a vCPU starts its guest in."""
+
+    #: Long mode with paging, the first GiB identity-mapped (Linux's 64-bit boot protocol, and
+    #: what :meth:`kvmlib.KvmVm.run` gives a bare 64-bit program).
+    LONG_MODE = "long-mode"
+    #: 32-bit protected mode without paging (PVH): CR4 and EFER clear.
+    PROTECTED_MODE = "protected-mode"
+
+
+@attrs.define(frozen=True, slots=True)
+class BootState:
+    """The registers a vCPU starts with; every other general register is 0, RFLAGS 0x2.
+
+    Attributes:
+        protocol: the CPU mode.
+        rip: the entry point.
+        rsp: the stack pointer (RBP too).
+        rsi: RSI (the zero page, for Linux's 64-bit boot protocol).
+        rbx: RBX (the ``hvm_start_info``, for PVH).
+    """
+
+    protocol: BootProtocol
+    rip: int
+    rsp: int = BOOT_STACK_POINTER
+    rsi: int = 0
+    rbx: int = 0
+
+    @classmethod
+    def long_mode(cls, rip: int) -> BootState:
+        """A bare 64-bit entry at ``rip``: the boot stack, and RSI at the (empty) zero page."""
+        return cls(BootProtocol.LONG_MODE, int(rip), rsi=ZERO_PAGE_START)
+
+    @property
+    def gdt(self) -> tuple[int, ...]:
+        """The GDT this protocol loads."""
+        return LONG_MODE_GDT if self.protocol is BootProtocol.LONG_MODE else PROTECTED_MODE_GDT
+
+
+def write_boot_tables(memory: GuestMemoryMmap, protocol: BootProtocol) -> None:
+    """Write the protocol's GDT, an empty IDT and, for long mode, the identity-mapping page tables.
+
+    Raises:
+        GuestMemoryError: guest memory does not cover the low pages the tables live in.
+    """
+    gdt = LONG_MODE_GDT if protocol is BootProtocol.LONG_MODE else PROTECTED_MODE_GDT
+    memory.write(GuestAddress(BOOT_GDT_OFFSET), struct.pack(f"<{len(gdt)}Q", *gdt))
     memory.write(GuestAddress(BOOT_IDT_OFFSET), bytes(8))
-    table = PAGE_PRESENT_RW | PAGE_ACCESSED
-    memory.write(GuestAddress(PML4_START), struct.pack("<Q", PDPTE_START | table))
-    memory.write(GuestAddress(PDPTE_START), struct.pack("<Q", PDE_START | table))
-    pdes = [(i << 21) | PAGE_PS | PAGE_PRESENT_RW | PAGE_ACCESSED | PAGE_DIRTY for i in range(512)]
-    memory.write(GuestAddress(PDE_START), struct.pack("<512Q", *pdes))
+    if protocol is BootProtocol.LONG_MODE:
+        table = PAGE_PRESENT_RW | PAGE_ACCESSED
+        memory.write(GuestAddress(PML4_START), struct.pack("<Q", PDPTE_START | table))
+        memory.write(GuestAddress(PDPTE_START), struct.pack("<Q", PDE_START | table))
+        pdes = [(i << 21) | PAGE_PS | PAGE_PRESENT_RW | PAGE_ACCESSED | PAGE_DIRTY
+                for i in range(512)]
+        memory.write(GuestAddress(PDE_START), struct.pack("<512Q", *pdes))
 
 
-def setup_sregs(vcpu: VcpuFd, memory: GuestMemoryMmap) -> None:
-    """Put the vCPU in 64-bit long mode with paging on, using the tables in guest memory."""
-    write_boot_tables(memory)
+def set_boot_registers(vcpu: VcpuFd, state: BootState) -> None:
+    """Load the segment, control and general registers of ``state`` (KVM_SET_SREGS, KVM_SET_REGS).
+
+    The tables :func:`write_boot_tables` writes must be in guest memory before the vCPU runs.
+    """
+    gdt = state.gdt
     sregs = vcpu.get_sregs()
-    code = segment_from_gdt(BOOT_GDT[1], 1)
-    data = segment_from_gdt(BOOT_GDT[2], 2)
-    tss = segment_from_gdt(BOOT_GDT[3], 3)
-    sregs.gdt.base, sregs.gdt.limit = BOOT_GDT_OFFSET, len(BOOT_GDT) * 8 - 1
+    sregs.gdt.base, sregs.gdt.limit = BOOT_GDT_OFFSET, len(gdt) * 8 - 1
     sregs.idt.base, sregs.idt.limit = BOOT_IDT_OFFSET, 7
-    sregs.cs = code
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = tss
-    sregs.cr3 = PML4_START
-    sregs.cr4 |= X86_CR4_PAE
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG | X86_CR0_ET
-    sregs.efer |= EFER_LME | EFER_LMA
+    sregs.cs = segment_from_gdt(gdt[BOOT_CS // 8], BOOT_CS // 8)
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = segment_from_gdt(gdt[BOOT_DS // 8],
+                                                                          BOOT_DS // 8)
+    sregs.tr = segment_from_gdt(gdt[BOOT_TSS // 8], BOOT_TSS // 8)
+    # Caches on, as firmware hands over: KVM's reset CR0 has CD and NW set, and nothing obliges
+    # a kernel to clear them before it has decompressed itself.
+    cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & ~(X86_CR0_CD | X86_CR0_NW)
+    if state.protocol is BootProtocol.LONG_MODE:
+        sregs.cr0 = cr0 | X86_CR0_PG
+        sregs.cr3 = PML4_START
+        sregs.cr4 |= X86_CR4_PAE
+        sregs.efer |= EFER_LME | EFER_LMA
+    else:
+        sregs.cr0 = cr0 & ~X86_CR0_PG
+        sregs.cr3 = 0
+        sregs.cr4 = 0
+        sregs.efer &= ~(EFER_LME | EFER_LMA)
     vcpu.set_sregs(sregs)
+    regs = kvm_regs()
+    regs.rflags = _RFLAGS_RESERVED
+    regs.rip = state.rip
+    regs.rsp = regs.rbp = state.rsp
+    regs.rsi = state.rsi
+    regs.rbx = state.rbx
+    vcpu.set_regs(regs)
 
 
 def setup_fpu(vcpu: VcpuFd) -> None:
@@ -141,17 +231,8 @@ def setup_lapic(vcpu: VcpuFd) -> None:
     vcpu.set_lapic(lapic)
 
 
-def setup_boot_regs(vcpu: VcpuFd, instruction_pointer: int) -> None:
-    """Start at ``instruction_pointer`` with the boot stack and the zero page in RSI."""
-    regs = kvm_regs()
-    regs.rflags = 0x2  # bit 1 is reserved and must be set
-    regs.rip = instruction_pointer
-    regs.rsp = regs.rbp = BOOT_STACK_POINTER
-    regs.rsi = ZERO_PAGE_START
-    vcpu.set_regs(regs)
-
-
 __all__ = [
-    "BOOT_DATA_END", "setup_boot_regs", "setup_fpu", "setup_lapic", "setup_sregs",
+    "BOOT_CS", "BOOT_DATA_END", "BOOT_DS", "BOOT_TSS", "LONG_MODE_GDT", "PROTECTED_MODE_GDT",
+    "BootProtocol", "BootState", "set_boot_registers", "setup_fpu", "setup_lapic",
     "write_boot_tables",
 ]
