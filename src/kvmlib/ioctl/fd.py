@@ -1,0 +1,153 @@
+"""What the three fd wrappers share: one owned fd, a lock against a concurrent close, ioctl calls."""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import fcntl
+import os
+import threading
+from ctypes import (
+    Structure,
+    Union,
+    sizeof,
+)
+from typing import Any, TypeVar
+from typing import Union as TUnion
+
+from kvmlib.errors import ClosedError, KernelBufferError, KvmIoctlError
+from kvmlib.ioctl.numbers import (
+    _IOC_SIZEBITS,
+    _IOC_SIZESHIFT,
+)
+from kvmlib.resources import Closeable
+
+# --------------------------------------------------------------------------------------------------
+# fd wrappers
+# --------------------------------------------------------------------------------------------------
+_Buf = TUnion[Structure, Union, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]", bytearray]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_ioctl = _libc.ioctl
+_libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+_libc_ioctl.restype = ctypes.c_int
+_ioctl = fcntl.ioctl
+# KVM_RUN's own entry point, without argtypes: the fastest call Python can make to ioctl(2). Its
+# three arguments all fit a C int, the default conversion. fcntl.ioctl costs about a microsecond
+# more per call, because it first tries (and fails) to read its argument as a buffer.
+_run_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
+_get_errno = ctypes.get_errno
+
+
+_T = TypeVar("_T", bound=Structure)
+_IOC_SIZEMASK = (1 << _IOC_SIZEBITS) - 1
+
+
+def _buffer_size(buf: _Buf) -> int:
+    return len(buf) if isinstance(buf, bytearray) else sizeof(buf)
+
+
+class _FdOwner(Closeable):
+    """Owns one fd: ``close()`` is idempotent and the object is a context manager.
+
+    A per-object lock is held across every ioctl (but KVM_RUN, see :meth:`VcpuFd.run`) and across
+    :meth:`close`: without it, a ``close()`` between reading the fd and the ioctl would let the ioctl
+    reach whatever file the kernel next gave that fd number.
+    """
+
+    _fd: int
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        # Reentrant: a method holding it may call another ioctl method, and a signal handler that
+        # runs on a thread holding it may still use the object.
+        self._lock = threading.RLock()
+
+    @property
+    def fd(self) -> int:
+        """The raw file descriptor (-1 once closed)."""
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the file descriptor; calling it again does nothing.
+
+        Waits for an ioctl another thread is making on this object (never for a KVM_RUN).
+        """
+        with self._lock:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        # A safety net only: owners are expected to be closed explicitly.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _describe(self) -> str:
+        return f"this {type(self).__name__}"
+
+    def _closed_error(self, name: str) -> ClosedError:
+        return ClosedError(f"{name}: {self._describe()} is closed")
+
+    def _check_open(self, name: str) -> int:
+        """The fd, or ClosedError; call with the lock held, and keep it across the fd's use."""
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error(name)
+        return fd
+
+    def _ioctl_int(self, name: str, request: int, arg: int = 0) -> int:
+        with self._lock:
+            fd = self._check_open(name)
+            # libc's ioctl, not fcntl.ioctl: the latter passes a C int, and some arguments (guest
+            # addresses) are unsigned longs above 2**31.
+            ret: int = _libc_ioctl(fd, request, arg)
+            if ret < 0:
+                raise KvmIoctlError(name, ctypes.get_errno())
+        return ret
+
+    def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> int:
+        # The size encoded in the request is what the kernel copies for a fixed-size argument, and
+        # the header it reads first for a variable one: a smaller buffer would be overrun.
+        need = (request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK
+        have = _buffer_size(buf)
+        if have < need:
+            raise KernelBufferError(f"{name} needs a buffer of at least {need} bytes, not {have}")
+        with self._lock:
+            fd = self._check_open(name)
+            try:
+                ret: int = fcntl.ioctl(fd, request, buf, True)
+            except OSError as e:
+                raise KvmIoctlError(name, e.errno or 0) from None
+        return ret
+
+    def _get(self, name: str, request: int, cls: type[_T]) -> _T:
+        obj = cls()
+        self._ioctl_buf(name, request, obj)
+        return obj
+
+    def _get_growing(self, name: str, request: int, make: Any, count_field: str,
+                     start: int) -> Any:
+        # The list ioctls write at most as many entries as the count field allows and answer E2BIG
+        # when that is too few (KVM_GET_MSR_INDEX_LIST also writes back the count it needs).
+        n = max(start, 1)
+        while True:
+            obj = make(n)
+            try:
+                self._ioctl_buf(name, request, obj)
+            except KvmIoctlError as e:
+                if e.errno != _errno.E2BIG or n >= 1 << 16:
+                    raise
+                needed = getattr(obj, count_field)
+                n = needed if needed > n else n * 2
+                continue
+            return obj
+
+
