@@ -27,7 +27,7 @@ def _is_aggregate(t: Any) -> bool:
     return isinstance(t, type) and issubclass(t, (Structure, Union))
 
 
-def layout_checks(struct_type: type[Structure], c_name: str) -> dict[str, tuple[str, int]]:
+def layout_checks(struct_type: type[Any], c_name: str) -> dict[str, tuple[str, int]]:
     """Map a check's key to (C expression, the value ctypes gives) for a struct and its members."""
     checks: dict[str, tuple[str, int]] = {
         f"sizeof {c_name}": (f"sizeof(struct {c_name})", ctypes.sizeof(struct_type))

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from kvmlib import EventExitHandler, GuestMemoryError, GuestMemoryMmap, Kvm, KvmError, KvmVm, VmConfig
 from kvmlib.arch.x86_64.regs import BOOT_GDT_OFFSET, BOOT_STACK_POINTER, ZERO_PAGE_START
+from kvmlib.ioctl import field_offset
 from kvmlib.loader import (
     CMDLINE_START,
     MMIO_GAP_SIZE,
@@ -76,7 +77,7 @@ def memory() -> Iterator[GuestMemoryMmap]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _layout_checks(struct_type: type[Structure], c_type: str) -> dict[str, tuple[str, int]]:
+def _layout_checks(struct_type: type[Any], c_type: str) -> dict[str, tuple[str, int]]:
     """(C expression, ctypes value) for the size of ``c_type`` and every member's offset and size."""
     checks = {f"sizeof {c_type}": (f"sizeof({c_type})", ctypes.sizeof(struct_type))}
 
@@ -127,7 +128,7 @@ def test_boot_params_has_the_documented_size_and_offsets() -> None:
                 "e820_entries": 0x1E8, "eddbuf_entries": 0x1E9, "sentinel": 0x1EF, "hdr": 0x1F1,
                 "edd_mbr_sig_buffer": 0x290, "e820_table": 0x2D0, "eddbuf": 0xD00}
     assert {name: getattr(boot_params, name).offset for name in expected} == expected
-    assert boot_params.e820_table.size == 128 * 20
+    assert boot_params.__dict__["e820_table"].size == 128 * 20
 
 
 def test_setup_header_fields_sit_at_the_offsets_boot_rst_gives() -> None:
@@ -143,7 +144,7 @@ def test_pvh_start_info_structures_have_the_abi_layout() -> None:
         "memmap_paddr", "memmap_entries", "reserved")] == [0, 4, 8, 12, 16, 24, 32, 40, 48, 52]
     assert ctypes.sizeof(hvm_modlist_entry) == 32
     assert ctypes.sizeof(hvm_memmap_table_entry) == 24
-    assert hvm_memmap_table_entry.type.offset == 16
+    assert field_offset(hvm_memmap_table_entry, "type") == 16
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmlib import EventExitHandler, IoManager, Kvm, KvmVm, VmConfig
 from kvmlib._sigaction import (
     SIG_DFL,
     SIG_IGN,
@@ -19,7 +20,9 @@ from kvmlib._sigaction import (
     signal_disposition,
 )
 
+from .concurrency import bounded
 from .conftest import REQUIRE_KVM
+from .vm_guests import BSP_CODE, SPIN, memory_with
 
 # A no-op handler installed from C, as a library or an embedding application would.
 C_HANDLER = r"""
@@ -101,3 +104,25 @@ def test_an_invalid_signal_number_raises_oserror(signum: int) -> None:
     with pytest.raises(OSError, match=rf"sigaction\({signum}\)") as info:
         signal_disposition(signum)
     assert info.value.errno == errno.EINVAL
+
+
+def test_running_a_vm_keeps_a_kick_handler_installed_by_c(c_handler_lib: ctypes.CDLL,
+                                                          kvm: Kvm) -> None:
+    signum = int(signal.SIGRTMIN)
+    saved, python_view = get_sigaction(signum), signal.getsignal(signum)
+    try:
+        # Python's table says "default" while C code owns the signal: getsignal() is blind to it.
+        signal.signal(signum, signal.SIG_DFL)
+        assert c_handler_lib.kvmlib_test_install(signum) == 0
+        handler = c_handler_lib.kvmlib_test_handler()
+        with memory_with({BSP_CODE: SPIN}) as memory, KvmVm.new(
+                kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(), IoManager()) as vm:
+            vm.run(BSP_CODE)
+            bounded(vm.pause)  # the kick works with the C handler
+            vm.resume()
+            bounded(vm.shutdown)
+        assert signal_disposition(signum) == handler
+    finally:
+        set_sigaction(signum, saved)
+        if python_view is not None:
+            signal.signal(signum, python_view)

@@ -10,26 +10,57 @@ class KvmError(Exception):
     """Root of every error kvmlib raises."""
 
 
-class KvmUnavailableError(KvmError):
-    """``/dev/kvm`` is missing, not permitted, or speaks an unsupported API."""
+class _OsOriginatedError(OSError):
+    """An error the OS reported: an :class:`OSError` with ``errno`` set, and kvmlib's message.
+
+    ``str()`` is kvmlib's message (what failed and what to do); ``strerror`` stays the OS's own.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        if errno is None:
+            super().__init__(message)
+        else:
+            super().__init__(errno, os.strerror(errno))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.message, self.errno)
 
 
-class KvmIoctlError(KvmError):
-    """An ioctl failed; carries the ioctl's name and the errno.
+class KvmUnavailableError(KvmError, _OsOriginatedError):
+    """``/dev/kvm`` is missing, not permitted, or speaks an unsupported API.
+
+    An :class:`OSError`: ``errno`` is the open's when the device could not be opened (None for an
+    unsupported API version or platform).
+    """
+
+
+class KvmIoctlError(KvmError, _OsOriginatedError):
+    """An ioctl failed; an :class:`OSError` carrying the ioctl's name and the errno.
 
     Attributes:
         ioctl: the ioctl's name as in ``<linux/kvm.h>`` (e.g. ``"KVM_RUN"``).
         errno: the errno the kernel returned.
+        detail: what else kvmlib knows (e.g. the first MSR refused), or "".
     """
 
     def __init__(self, ioctl: str, errno: int, detail: str = "") -> None:
-        self.ioctl = ioctl
-        self.errno = errno
         name = _errno.errorcode.get(errno, str(errno))
         msg = f"{ioctl} failed: [{name}] {os.strerror(errno)}"
         if detail:
             msg += f" ({detail})"
-        super().__init__(msg)
+        super().__init__(msg, errno)
+        self.ioctl = ioctl
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.ioctl, self.errno, self.detail)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.ioctl!r}, {self.errno!r}, {self.detail!r})"
 
 
 class ClosedError(KvmError, ValueError):
@@ -49,6 +80,10 @@ class KernelBufferError(KvmError, ValueError):
 
 class GuestMemoryError(KvmError):
     """A guest memory access or layout is invalid (out of bounds, overlap, misalignment)."""
+
+
+class GuestMemoryMapError(GuestMemoryError, _OsOriginatedError):
+    """The OS refused to map guest memory (``mmap``, ``open``): an :class:`OSError` with ``errno``."""
 
 
 class VmError(KvmError):

@@ -156,11 +156,16 @@ class Lifecycle:
             self.run_state.vcpu_ended()
             # The VM is stopping now: the other vCPUs must leave the guest too, or they would
             # run on in a VM that says it stops.
-            self._kick_all()
+            self.kick_all()
 
-    def _kick_all(self) -> None:
+    def kick_all(self) -> None:
+        """Kick every vCPU (each then consults the run state)."""
         for vcpu in self._vcpus:
             vcpu.kick()
+
+    def threads_alive(self) -> bool:
+        """Whether any vCPU thread is still running."""
+        return any(t.is_alive() for t in self._threads)
 
     def pause(self, timeout: float | None = None) -> None:
         """Stop every vCPU where it is and return once all are parked (or ended).
@@ -187,7 +192,7 @@ class Lifecycle:
             pauses = rs.pauses
             if state is _R:
                 rs.move(_PG)
-        self._kick_all()
+        self.kick_all()
         with rs.condition:
             if rs.condition.wait_for(lambda: rs.lifecycle is not _PG, timeout):
                 if rs.pauses != pauses:
@@ -227,7 +232,7 @@ class Lifecycle:
             threads = self._threads
         # vCPUs still waiting for their peers would wait forever.
         self.barrier.abort()
-        self._kick_all()
+        self.kick_all()
         if self.on_vcpu_thread():
             return
         for thread in threads:
@@ -280,7 +285,7 @@ class Lifecycle:
             try:
                 self.shutdown()
             finally:
-                if not any(t.is_alive() for t in self._threads):
+                if not self.threads_alive():
                     self._stopped()
                     with self._ops:
                         with self.run_state.condition:

@@ -14,13 +14,14 @@ import mmap
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Iterable
 from itertools import pairwise
 from typing import TypeVar
 
 from typing_extensions import Buffer, Self
 
-from kvmlib.errors import ClosedError, GuestMemoryError
+from kvmlib.errors import ClosedError, GuestMemoryError, GuestMemoryMapError
 from kvmlib.resources import Closeable
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -116,7 +117,8 @@ class GuestRegionMmap:
             mapping = mmap.mmap(-1, size, flags=flags)
         except OSError as e:
             hint = " (are huge pages reserved? see /proc/sys/vm/nr_hugepages)" if hugepages else ""
-            raise GuestMemoryError(f"cannot map {size:#x} bytes: {e.strerror}{hint}") from None
+            raise GuestMemoryMapError(f"cannot map {size:#x} bytes: {e.strerror}{hint}", e.errno) \
+                from e
         return cls(mapping, GuestAddress(guest_base), read_only=read_only,
                    log_dirty_pages=log_dirty_pages)
 
@@ -135,16 +137,20 @@ class GuestRegionMmap:
         try:
             fd = file if isinstance(file, int) else os.open(file, mode | os.O_CLOEXEC)
         except OSError as e:
-            raise GuestMemoryError(f"cannot open {file!r} for guest memory: {e.strerror}") from None
+            raise GuestMemoryMapError(f"cannot open {file!r} for guest memory: {e.strerror}",
+                                      e.errno) from e
         try:
             if os.fstat(fd).st_size < offset + size:
                 raise GuestMemoryError(f"{file!r} is shorter than the {size:#x} bytes at {offset:#x} "
                                        "to map (a mapping past the end would fault on access)")
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE if private else mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise GuestMemoryMapError(f"cannot map {size:#x} bytes of {file!r} at {offset:#x}: "
+                                      f"{e.strerror}", e.errno) from e
+        except ValueError as e:
             raise GuestMemoryError(f"cannot map {size:#x} bytes of {file!r} at {offset:#x}: {e}") \
-                from None
+                from e
         finally:
             if not isinstance(file, int):
                 os.close(fd)
@@ -471,6 +477,20 @@ class GuestMemoryMmap(Closeable):
         """End one :meth:`acquire`; closed regions are unmapped by their last release."""
         for region in self._regions:
             region.release()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._regions)} regions"
+        return f"<GuestMemoryMmap {state}>"
+
+    def __del__(self) -> None:
+        # A safety net, like a file's: say the memory was never closed, then close it.
+        if getattr(self, "_closed", True):
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
+            self.close()
+        except Exception:
+            pass
 
     def close(self) -> None:
         """Forbid further access and unmap every region (once no VM uses it); idempotent.

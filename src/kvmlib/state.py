@@ -19,6 +19,7 @@ import attrs
 
 from kvmlib.errors import SnapshotError
 from kvmlib.ioctl import (
+    KernelStruct,
     kvm_clock_data,
     kvm_cpuid_entry2,
     kvm_debugregs,
@@ -36,7 +37,7 @@ from kvmlib.ioctl import (
 STATE_VERSION = 1
 
 
-def _exact(ctype: type[ctypes.Structure]) -> Any:
+def _exact(ctype: type[KernelStruct]) -> Any:
     size = ctypes.sizeof(ctype)
 
     def check(_inst: object, attribute: attrs.Attribute[bytes], value: bytes) -> None:

@@ -13,12 +13,14 @@ import errno
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FrameType
 from typing import Protocol, runtime_checkable
 
 import attrs
+from typing_extensions import Unpack
 
+from kvmlib._sigaction import SIG_DFL, SIG_IGN, signal_disposition
 from kvmlib.arch.x86_64.cpuid import (
     CpuidEntry,
     entries_from_kvm_cpuid2,
@@ -30,8 +32,10 @@ from kvmlib.arch.x86_64.msrs import boot_msr_entries
 from kvmlib.arch.x86_64.regs import BootState, set_boot_registers, setup_fpu, setup_lapic
 from kvmlib.bus import IoManager
 from kvmlib.errors import KvmIoctlError, VcpuError, VmError
+from kvmlib.exit_handler import ExitHandler
 from kvmlib.ioctl import (
     Cap,
+    GuestDebug,
     Hlt,
     InternalError,
     Intr,
@@ -40,12 +44,15 @@ from kvmlib.ioctl import (
     Kvm,
     MmioRead,
     MmioWrite,
+    RegsFields,
     Shutdown,
+    SregsFields,
     SystemEvent,
     VcpuExit,
     VmFd,
     kvm_cpuid_entry2,
     kvm_debugregs,
+    kvm_guest_debug,
     kvm_lapic_state,
     kvm_mp_state,
     kvm_regs,
@@ -54,6 +61,7 @@ from kvmlib.ioctl import (
     kvm_xcrs,
     kvm_xsave,
     make_kvm_cpuid2,
+    make_kvm_guest_debug,
 )
 from kvmlib.memory import GuestAddress
 from kvmlib.runstate import VcpuRunState, VmRunState
@@ -78,10 +86,11 @@ def setup_signal_handler() -> None:
     Its default action would kill the process and ignoring it would not interrupt KVM_RUN, so
     some handler must be in place before any vCPU is kicked. Python installs handlers only from the
     main thread: call this (or :meth:`kvmlib.KvmVm.run`) there first when driving VMs elsewhere.
-    A handler the application installed itself is kept.
+    A handler already installed is kept, whoever installed it: the disposition is read with
+    ``sigaction`` itself, which also sees handlers installed by C code (``signal.getsignal`` does
+    not).
     """
-    current = signal.getsignal(VCPU_KICK_SIGNAL)
-    if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+    if signal_disposition(VCPU_KICK_SIGNAL) not in (SIG_DFL, SIG_IGN):
         return
     if threading.current_thread() is not threading.main_thread():
         raise VmError(
@@ -212,6 +221,7 @@ class KvmVcpu:
         run_barrier: passed by every vCPU before its first KVM_RUN.
         run_state: the VM-wide run state.
         state: a saved state to put the vCPU in instead of the reset state.
+        exit_handler: offered every exit the bus does not handle, on the vCPU's thread.
 
     Creating a vCPU writes nothing into guest memory: the boot state (tables and registers) is
     loaded by :meth:`kvmlib.KvmVm.run` given an address, or by the kernel loader.
@@ -219,11 +229,13 @@ class KvmVcpu:
 
     def __init__(self, vm_fd: VmFd, bus: IoManager, config: VcpuConfig, num_vcpus: int,
                  run_barrier: threading.Barrier, run_state: VcpuRunState,
-                 state: VcpuState | None = None) -> None:
+                 state: VcpuState | None = None, exit_handler: ExitHandler | None = None) -> None:
         self.config = config
         self.bus = bus
         self.run_barrier = run_barrier
         self.run_state = run_state
+        #: Offered every exit the bus does not take (:meth:`ExitHandler.handle_exit`).
+        self.exit_handler = exit_handler
         #: The exit that ended the loop normally (Hlt, Shutdown or SystemEvent), if one did.
         self.exit_reason: VcpuExit | None = None
         self._kick_lock = threading.Lock()
@@ -262,6 +274,21 @@ class KvmVcpu:
         """KVM_GET_REGS; only meaningful while the vCPU is parked or not started."""
         return self.vcpu_fd.get_regs()
 
+    def set_regs(self, regs: kvm_regs | None = None, /, **fields: Unpack[RegsFields]) -> kvm_regs:
+        """KVM_SET_REGS: ``regs`` (by default the current registers) with ``fields`` changed.
+
+        ``vcpu.set_regs(rip=0x1000, rax=1)`` changes two registers and keeps the others. The
+        caller's ``regs`` is not modified. Returns what was set.
+
+        Raises:
+            AttributeError: a field name ``kvm_regs`` does not have (a type checker catches it too).
+        """
+        new = self.vcpu_fd.get_regs() if regs is None else kvm_regs.from_buffer_copy(regs)
+        for name, value in fields.items():
+            setattr(new, name, value)
+        self.vcpu_fd.set_regs(new)
+        return new
+
     def load_boot_state(self, state: BootState) -> None:
         """Load ``state``'s segment, control and general registers (not while in KVM_RUN).
 
@@ -270,9 +297,38 @@ class KvmVcpu:
         """
         set_boot_registers(self.vcpu_fd, state)
 
+    def set_guest_debug(self, flags: GuestDebug, breakpoints: Sequence[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: single-step, ``int3`` exits, or up to four hardware breakpoints.
+
+        ``vcpu.set_guest_debug(GuestDebug.SINGLESTEP)`` makes every instruction a
+        :class:`~kvmlib.Debug` exit; ``set_guest_debug(GuestDebug.USE_SW_BP)`` makes ``int3`` one;
+        ``set_guest_debug(GuestDebug(0), [0x10000])`` breaks on execution at 0x10000.
+        :meth:`clear_guest_debug` turns it all off. Debug exits reach
+        :meth:`ExitHandler.handle_exit`; one nobody handles stops the vCPU with a VcpuError.
+        Call it before :meth:`run`, while paused, or from the exit handler.
+        """
+        self.vcpu_fd.set_guest_debug(make_kvm_guest_debug(flags, breakpoints))
+
+    def clear_guest_debug(self) -> None:
+        """KVM_SET_GUEST_DEBUG with nothing enabled: the guest runs undisturbed again."""
+        self.vcpu_fd.set_guest_debug(kvm_guest_debug())
+
     def get_sregs(self) -> kvm_sregs:
         """KVM_GET_SREGS; only meaningful while the vCPU is parked or not started."""
         return self.vcpu_fd.get_sregs()
+
+    def set_sregs(self, sregs: kvm_sregs | None = None, /,
+                  **fields: Unpack[SregsFields]) -> kvm_sregs:
+        """KVM_SET_SREGS: ``sregs`` (by default the current ones) with ``fields`` changed.
+
+        Raises:
+            AttributeError: a field name ``kvm_sregs`` does not have.
+        """
+        new = self.vcpu_fd.get_sregs() if sregs is None else kvm_sregs.from_buffer_copy(sregs)
+        for name, value in fields.items():
+            setattr(new, name, value)
+        self.vcpu_fd.set_sregs(new)
+        return new
 
     def save_state(self) -> VcpuState:
         """Everything KVM holds for this vCPU; call only while it is not in KVM_RUN (parked).
@@ -374,6 +430,10 @@ class KvmVcpu:
         bus = self.bus
         pio_write, pio_read = bus.pio_write, bus.pio_read
         state = self.run_state
+        owner = self.exit_handler
+        # Skip the call per exit when the handler keeps the default (handles nothing).
+        handle_exit = None if owner is None or type(owner).handle_exit is ExitHandler.handle_exit \
+            else owner.handle_exit
         while True:
             try:
                 exit_ = run()
@@ -385,7 +445,8 @@ class KvmVcpu:
             # exits are final) and single accesses dispatched inline save calls per exit.
             kind = type(exit_)
             if kind is IoOut or kind is IoIn:
-                port, size, count, data = exit_  # type: ignore[misc]
+                io: IoOut = exit_  # type: ignore[assignment]  # IoIn has the same fields
+                port, size, count, data = io
                 handler = pio_write if kind is IoOut else pio_read
                 if count == 1:
                     handler(port, data)
@@ -402,12 +463,17 @@ class KvmVcpu:
                     current = state.park()
                 if current is VmRunState.EXITING:
                     return
-            elif isinstance(exit_, (Hlt, Shutdown, SystemEvent)):
-                self.exit_reason = exit_
-                log.debug("vCPU %d stopped: %r", self.id, exit_)
-                state.set_and_notify(VmRunState.EXITING)
-                return
-            else:  # InternalError, FailEntry, Unknown: never retried, never spun on
+            else:
+                # Every other exit is offered to the exit handler first: a harness may handle
+                # breakpoints, MSR accesses or hypercalls and keep the guest running.
+                if handle_exit is not None and handle_exit(self, exit_):
+                    continue
+                if isinstance(exit_, (Hlt, Shutdown, SystemEvent)):
+                    self.exit_reason = exit_
+                    log.debug("vCPU %d stopped: %r", self.id, exit_)
+                    state.set_and_notify(VmRunState.EXITING)
+                    return
+                # Errors and exits nobody handled: never retried, never spun on.
                 raise self._exit_error(exit_)
 
     def _exit_error(self, exit_: VcpuExit) -> VcpuError:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
+from typing_extensions import Unpack
 
 from kvmlib.arch.x86_64.cpuid import CpuidEntry
 from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
@@ -31,6 +33,8 @@ from kvmlib.ioctl import (
     KVM_IRQCHIP_PIC_SLAVE,
     Cap,
     Kvm,
+    RegsFields,
+    SregsFields,
     VmFd,
     kvm_clock_data,
     kvm_cpuid_entry2,
@@ -44,7 +48,7 @@ from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory_image import layout_of
 from kvmlib.reset import FastReset, VmSnapshot
 from kvmlib.resources import Closeable
-from kvmlib.runstate import LifecycleState, VcpuRunState
+from kvmlib.runstate import LifecycleState, VcpuRunState, VmRunState
 from kvmlib.state import DeviceState, VmState
 from kvmlib.vcpu import (
     MAX_VCPUS,
@@ -254,7 +258,8 @@ class KvmVm(Closeable):
         for config in self.config.vcpus_config:
             saved = state.vcpus[config.id] if state is not None else None
             self._vcpus.append(KvmVcpu(self.fd, self.bus, config, self.config.num_vcpus,
-                                       self.vcpu_barrier, self.vcpu_run_state, saved))
+                                       self.vcpu_barrier, self.vcpu_run_state, saved,
+                                       self.exit_handler))
         self._life.attach(self._vcpus)
 
     def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytes:
@@ -437,6 +442,26 @@ class KvmVm(Closeable):
         with self._life.holding("inspect", "read vCPU registers"):
             return self._vcpu(index).get_regs()
 
+    def set_vcpu_regs(self, index: int, regs: kvm_regs | None = None, /,
+                      **fields: Unpack[RegsFields]) -> kvm_regs:
+        """Set vCPU ``index``'s general registers, before :meth:`run` or while paused.
+
+        ``vm.set_vcpu_regs(0, rip=0x1000, rax=1)`` changes those and keeps the others (see
+        :meth:`KvmVcpu.set_regs`). Returns what was set.
+
+        Raises:
+            VmError: the VM is running or stopped, or has no vCPU ``index``.
+            AttributeError: a field ``kvm_regs`` does not have.
+        """
+        with self._life.holding("save", "set vCPU registers"):
+            return self._vcpu(index).set_regs(regs, **fields)
+
+    def set_vcpu_sregs(self, index: int, sregs: kvm_sregs | None = None, /,
+                       **fields: Unpack[SregsFields]) -> kvm_sregs:
+        """Set vCPU ``index``'s special registers, under the conditions of :meth:`set_vcpu_regs`."""
+        with self._life.holding("save", "set vCPU registers"):
+            return self._vcpu(index).set_sregs(sregs, **fields)
+
     def load_boot_state(self, state: BootState, vcpu: int = 0) -> None:
         """Put vCPU ``vcpu`` in ``state``'s boot state, so that :meth:`run` with no address starts it.
 
@@ -470,6 +495,25 @@ class KvmVm(Closeable):
             VmError: called on one of the VM's vCPU threads (call :meth:`shutdown` there).
         """
         self._life.close(self._release)
+
+    def __repr__(self) -> str:
+        return f"<KvmVm {self.config.num_vcpus} vCPUs, {self._life.state.value}>"
+
+    def __del__(self) -> None:
+        # A safety net, like a file's: say the VM was never closed, then release what can be
+        # released from a finalizer, which may run on any thread and must not block on a join.
+        life = getattr(self, "_life", None)
+        if life is None or life.state is LifecycleState.CLOSED:
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
+            if life.threads_alive():
+                life.run_state.set_and_notify(VmRunState.EXITING)
+                life.kick_all()
+            else:
+                self.close()
+        except Exception:
+            pass
 
     def _release(self) -> None:
         try:

@@ -7,11 +7,9 @@ import errno as _errno
 import fcntl
 import os
 import threading
-from ctypes import (
-    Structure,
-    Union,
-    sizeof,
-)
+import warnings
+from collections.abc import Callable
+from ctypes import c_uint64, sizeof
 from typing import Any, TypeVar
 from typing import Union as TUnion
 
@@ -20,12 +18,13 @@ from kvmlib.ioctl.numbers import (
     _IOC_SIZEBITS,
     _IOC_SIZESHIFT,
 )
+from kvmlib.ioctl.structs import KernelStruct, KernelUnion, kvm_enable_cap
 from kvmlib.resources import Closeable
 
 # --------------------------------------------------------------------------------------------------
 # fd wrappers
 # --------------------------------------------------------------------------------------------------
-_Buf = TUnion[Structure, Union, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]", bytearray]
+_Buf = TUnion[KernelStruct, KernelUnion, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]", bytearray]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
@@ -39,12 +38,18 @@ _run_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
 _get_errno = ctypes.get_errno
 
 
-_T = TypeVar("_T", bound=Structure)
+_T = TypeVar("_T", bound=KernelStruct)
 _IOC_SIZEMASK = (1 << _IOC_SIZEBITS) - 1
 
 
 def _buffer_size(buf: _Buf) -> int:
     return len(buf) if isinstance(buf, bytearray) else sizeof(buf)
+
+
+def _enable_cap(cap: int, args: tuple[int, ...], flags: int) -> kvm_enable_cap:
+    if len(args) > 4:
+        raise ValueError(f"KVM_ENABLE_CAP takes at most 4 arguments, not {len(args)}")
+    return kvm_enable_cap(cap=int(cap), flags=flags, args=(c_uint64 * 4)(*args))
 
 
 class _FdOwner(Closeable):
@@ -84,8 +89,13 @@ class _FdOwner(Closeable):
                 os.close(fd)
 
     def __del__(self) -> None:
-        # A safety net only: owners are expected to be closed explicitly.
+        # A safety net only: owners are expected to be closed explicitly, and told when they
+        # were not (as Python's files do).
+        if getattr(self, "_fd", -1) < 0:
+            return
         try:
+            warnings.warn(f"unclosed {self._describe()} (fd {self._fd})", ResourceWarning,
+                          source=self, stacklevel=2)
             self.close()
         except Exception:
             pass
@@ -125,7 +135,7 @@ class _FdOwner(Closeable):
             try:
                 ret: int = fcntl.ioctl(fd, request, buf, True)
             except OSError as e:
-                raise KvmIoctlError(name, e.errno or 0) from None
+                raise KvmIoctlError(name, e.errno or 0) from e
         return ret
 
     def _get(self, name: str, request: int, cls: type[_T]) -> _T:
@@ -133,8 +143,8 @@ class _FdOwner(Closeable):
         self._ioctl_buf(name, request, obj)
         return obj
 
-    def _get_growing(self, name: str, request: int, make: Any, count_field: str,
-                     start: int) -> Any:
+    def _get_growing(self, name: str, request: int, make: Callable[[int], _T], count_field: str,
+                     start: int) -> _T:
         # The list ioctls write at most as many entries as the count field allows and answer E2BIG
         # when that is too few (KVM_GET_MSR_INDEX_LIST also writes back the count it needs).
         n = max(start, 1)

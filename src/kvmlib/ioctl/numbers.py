@@ -18,6 +18,7 @@ from kvmlib.ioctl.structs import (
     kvm_cpuid2,
     kvm_debugregs,
     kvm_dirty_log,
+    kvm_enable_cap,
     kvm_fpu,
     kvm_guest_debug,
     kvm_ioeventfd,
@@ -141,6 +142,7 @@ KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
 KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
 KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
 KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
@@ -162,10 +164,18 @@ KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
+KVM_SYSTEM_EVENT_WAKEUP = 4
+KVM_SYSTEM_EVENT_SUSPEND = 5
+KVM_SYSTEM_EVENT_SEV_TERM = 6
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
 

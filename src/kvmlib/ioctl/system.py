@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from kvmlib.errors import KvmUnavailableError
-from kvmlib.ioctl.fd import (
-    _FdOwner,
-)
+from kvmlib.ioctl.fd import _FdOwner
 from kvmlib.ioctl.numbers import (
     KVM_API_VERSION,
     KVM_CHECK_EXTENSION,
@@ -19,12 +16,11 @@ from kvmlib.ioctl.numbers import (
     KVM_GET_VCPU_MMAP_SIZE,
 )
 from kvmlib.ioctl.structs import (
+    kvm_cpuid2,
     make_kvm_cpuid2,
     make_kvm_msr_list,
 )
-from kvmlib.ioctl.vm import (
-    VmFd,
-)
+from kvmlib.ioctl.vm import VmFd
 
 
 class Kvm(_FdOwner):
@@ -40,18 +36,16 @@ class Kvm(_FdOwner):
     def __init__(self, path: str = "/dev/kvm") -> None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             raise KvmUnavailableError(
                 f"{path} does not exist: load the KVM module (modprobe kvm_intel or kvm_amd) and "
-                "check that virtualization is enabled in the firmware"
-            ) from None
-        except PermissionError:
+                "check that virtualization is enabled in the firmware", e.errno) from e
+        except PermissionError as e:
             raise KvmUnavailableError(
                 f"no permission to open {path}: add your user to the 'kvm' group "
-                "(then log in again) or adjust the device's permissions"
-            ) from None
+                "(then log in again) or adjust the device's permissions", e.errno) from e
         except OSError as e:
-            raise KvmUnavailableError(f"cannot open {path}: {e.strerror}") from None
+            raise KvmUnavailableError(f"cannot open {path}: {e.strerror}", e.errno) from e
         super().__init__(fd)
         self._path = path
         version = self.get_api_version()
@@ -81,7 +75,7 @@ class Kvm(_FdOwner):
     def _describe(self) -> str:
         return f"the Kvm handle on {self._path}"
 
-    def get_supported_cpuid(self, max_entries: int = 256) -> Any:
+    def get_supported_cpuid(self, max_entries: int = 256) -> kvm_cpuid2:
         """KVM_GET_SUPPORTED_CPUID: a ``kvm_cpuid2`` trimmed to the entries the kernel filled.
 
         ``max_entries`` is only the first guess: a larger list is fetched whole.

@@ -5,52 +5,39 @@ from __future__ import annotations
 import errno as _errno
 import mmap
 from collections.abc import Iterable
-from ctypes import (
-    sizeof,
-)
-from typing import Any
+from ctypes import sizeof
 
 from kvmlib.errors import KernelBufferError, KvmIoctlError
 from kvmlib.ioctl.exits import (
     _EXIT_OFF,
     _EXIT_REASON_OFF,
-    _FAIL_UNPACK,
     _HEAD_UNPACK,
-    _HLT,
     _IMMEDIATE_EXIT_OFF,
-    _INTERNAL_UNPACK,
     _INTR,
     _MMIO_DATA_OFF,
     _MMIO_UNPACK,
-    _SHUTDOWN,
-    _SYSEV_UNPACK,
-    FailEntry,
-    InternalError,
+    EXIT_SIZE,
     IoIn,
     IoOut,
     MmioRead,
     MmioWrite,
-    SystemEvent,
-    Unknown,
+    Undecoded,
     VcpuExit,
     _tuple_new,
+    decode_exit,
 )
 from kvmlib.ioctl.fd import (
     _buffer_size,
+    _enable_cap,
     _FdOwner,
     _get_errno,
     _run_ioctl,
 )
 from kvmlib.ioctl.numbers import (
-    KVM_EXIT_FAIL_ENTRY,
-    KVM_EXIT_HLT,
-    KVM_EXIT_INTERNAL_ERROR,
-    KVM_EXIT_INTR,
+    KVM_ENABLE_CAP,
     KVM_EXIT_IO,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_MMIO,
-    KVM_EXIT_SHUTDOWN,
-    KVM_EXIT_SYSTEM_EVENT,
     KVM_GET_CPUID2,
     KVM_GET_DEBUGREGS,
     KVM_GET_FPU,
@@ -118,8 +105,9 @@ class VcpuFd(_FdOwner):
                                       mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             self.close()
-            raise KvmIoctlError("mmap(kvm_run)", e.errno or 0) from None
+            raise KvmIoctlError("mmap(kvm_run)", e.errno or 0) from e
         self._run_view = memoryview(self._run_map)
+        self._exit_view = self._run_view[_EXIT_OFF:_EXIT_OFF + EXIT_SIZE]
         self._views: dict[int, memoryview] = {}
         self._run_size = mmap_size
         self._run = kvm_run.from_buffer(self._run_map)
@@ -148,7 +136,7 @@ class VcpuFd(_FdOwner):
             if run_map is not None:
                 del self._run
                 views, self._views = self._views, {}
-                for view in (*views.values(), self._run_view):
+                for view in (*views.values(), self._exit_view, self._run_view):
                     try:
                         view.release()
                     except BufferError:
@@ -199,8 +187,8 @@ class VcpuFd(_FdOwner):
                 data = self._views.get((offset << 32) | length)
                 if data is None:
                     data = self._view(offset, length)
-                    if data is None:
-                        return Unknown(reason)
+                    if data is None:  # the kernel's offset leaves the page: never trust it
+                        return Undecoded(reason, bytes(self._exit_view))
                 if direction == KVM_EXIT_IO_OUT:
                     return _tuple_new(IoOut, (port, size, count, data))
                 return _tuple_new(IoIn, (port, size, count, data))
@@ -213,7 +201,7 @@ class VcpuFd(_FdOwner):
                 if is_write:
                     return _tuple_new(MmioWrite, (addr, data))
                 return _tuple_new(MmioRead, (addr, data))
-            return self._decode_rare(reason)
+            return decode_exit(reason, self._exit_view)
         except ValueError:
             # close() released the kvm_run views while KVM_RUN ran: the exit is lost with the vCPU.
             if self._fd < 0:
@@ -232,25 +220,6 @@ class VcpuFd(_FdOwner):
         # Every distinct (offset, length) the kernel uses is a handful: I/O data sits at one offset.
         self._views[(offset << 32) | length] = view
         return view
-
-    def _decode_rare(self, reason: int) -> VcpuExit:
-        view = self._run_view
-        if reason == KVM_EXIT_HLT:
-            return _HLT
-        if reason == KVM_EXIT_SHUTDOWN:
-            return _SHUTDOWN
-        if reason == KVM_EXIT_INTR:
-            return _INTR
-        if reason == KVM_EXIT_INTERNAL_ERROR:
-            suberror, ndata, *data = _INTERNAL_UNPACK(view, _EXIT_OFF)
-            return InternalError(suberror, tuple(data[: min(ndata, 16)]))
-        if reason == KVM_EXIT_FAIL_ENTRY:
-            hw_reason, cpu = _FAIL_UNPACK(view, _EXIT_OFF)
-            return FailEntry(hw_reason, cpu)
-        if reason == KVM_EXIT_SYSTEM_EVENT:
-            type_, ndata, *data = _SYSEV_UNPACK(view, _EXIT_OFF)
-            return SystemEvent(type_, tuple(data[: min(ndata, 16)]))
-        return Unknown(reason)
 
     def get_regs(self) -> kvm_regs:
         """KVM_GET_REGS."""
@@ -298,7 +267,7 @@ class VcpuFd(_FdOwner):
             raise KvmIoctlError("KVM_SET_MSRS", _errno.EINVAL,
                                 f"wrote {got} of {len(pairs)} MSRs; first refused: {bad}")
 
-    def set_cpuid2(self, cpuid: Any) -> None:
+    def set_cpuid2(self, cpuid: kvm_cpuid2) -> None:
         """KVM_SET_CPUID2 with a ``kvm_cpuid2`` from :func:`make_kvm_cpuid2`.
 
         Raises:
@@ -313,7 +282,7 @@ class VcpuFd(_FdOwner):
                                     "entries")
         self._ioctl_buf("KVM_SET_CPUID2", KVM_SET_CPUID2, cpuid)
 
-    def get_cpuid2(self, max_entries: int = 256) -> Any:
+    def get_cpuid2(self, max_entries: int = 256) -> kvm_cpuid2:
         """KVM_GET_CPUID2: the CPUID this vCPU was given.
 
         ``max_entries`` is only the first guess: a larger table is fetched whole.
@@ -408,8 +377,12 @@ class VcpuFd(_FdOwner):
         """KVM_SET_MP_STATE."""
         self._ioctl_buf("KVM_SET_MP_STATE", KVM_SET_MP_STATE, state)
 
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the vCPU: turn on ``cap`` with up to four arguments."""
+        self._ioctl_buf("KVM_ENABLE_CAP", KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
+
     def set_guest_debug(self, debug: kvm_guest_debug) -> None:
-        """KVM_SET_GUEST_DEBUG."""
+        """KVM_SET_GUEST_DEBUG (see :meth:`kvmlib.KvmVcpu.set_guest_debug` for the typed form)."""
         self._ioctl_buf("KVM_SET_GUEST_DEBUG", KVM_SET_GUEST_DEBUG, debug)
 
 

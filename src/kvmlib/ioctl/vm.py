@@ -12,17 +12,14 @@ from ctypes import (
 )
 
 from kvmlib.errors import KernelBufferError
-from kvmlib.ioctl.cap import (
-    Cap,
-)
-from kvmlib.ioctl.fd import (
-    _FdOwner,
-)
+from kvmlib.ioctl.cap import Cap
+from kvmlib.ioctl.fd import _enable_cap, _FdOwner
 from kvmlib.ioctl.numbers import (
     KVM_CHECK_EXTENSION,
     KVM_CREATE_IRQCHIP,
     KVM_CREATE_PIT2,
     KVM_CREATE_VCPU,
+    KVM_ENABLE_CAP,
     KVM_GET_CLOCK,
     KVM_GET_DIRTY_LOG,
     KVM_GET_IRQCHIP,
@@ -55,9 +52,7 @@ from kvmlib.ioctl.structs import (
     kvm_userspace_memory_region,
     kvm_xsave,
 )
-from kvmlib.ioctl.vcpu import (
-    VcpuFd,
-)
+from kvmlib.ioctl.vcpu import VcpuFd
 
 _U32_MAX = 0xFFFF_FFFF
 
@@ -112,6 +107,14 @@ class VmFd(_FdOwner):
                 self._slot_sizes[slot] = memory_size
             else:
                 self._slot_sizes.pop(slot, None)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM: turn on ``cap`` with up to four arguments.
+
+        For instance ``enable_cap(Cap.KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_UNKNOWN)``
+        sends ``rdmsr`` / ``wrmsr`` of MSRs KVM does not know to user space.
+        """
+        self._ioctl_buf("KVM_ENABLE_CAP", KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC pair, IOAPIC and per-vCPU LAPICs."""

@@ -9,7 +9,9 @@ headers. Helper types for the kernel's anonymous inner structs and unions start 
 
 from __future__ import annotations
 
-from ctypes import Structure, Union, c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import Array, c_uint8, c_uint16, c_uint32, c_uint64
+
+from kvmlib.ioctl.structs import KernelStruct, KernelUnion
 
 # --------------------------------------------------------------------------------------------------
 # Constants
@@ -61,8 +63,45 @@ EDDMAXNR = 6
 # --------------------------------------------------------------------------------------------------
 
 
-class screen_info(Structure):
+class screen_info(KernelStruct):
     """``struct screen_info`` (``<linux/screen_info.h>``): what the firmware left on screen."""
+
+    orig_x: int
+    orig_y: int
+    ext_mem_k: int
+    orig_video_page: int
+    orig_video_mode: int
+    orig_video_cols: int
+    flags: int
+    unused2: int
+    orig_video_ega_bx: int
+    unused3: int
+    orig_video_lines: int
+    orig_video_isVGA: int  # noqa: N815 - the kernel's name
+    orig_video_points: int
+    lfb_width: int
+    lfb_height: int
+    lfb_depth: int
+    lfb_base: int
+    lfb_size: int
+    cl_magic: int
+    cl_offset: int
+    lfb_linelength: int
+    red_size: int
+    red_pos: int
+    green_size: int
+    green_pos: int
+    blue_size: int
+    blue_pos: int
+    rsvd_size: int
+    rsvd_pos: int
+    vesapm_seg: int
+    vesapm_off: int
+    pages: int
+    vesa_attributes: int
+    capabilities: int
+    ext_lfb_base: int
+    _reserved: Array[c_uint8]
 
     _pack_ = 1
     _fields_ = [
@@ -105,8 +144,18 @@ class screen_info(Structure):
     ]
 
 
-class apm_bios_info(Structure):
+class apm_bios_info(KernelStruct):
     """``struct apm_bios_info`` (``<linux/apm_bios.h>``); not packed, but has no holes."""
+
+    version: int
+    cseg: int
+    offset: int
+    cseg_16: int
+    dseg: int
+    flags: int
+    cseg_len: int
+    cseg_16_len: int
+    dseg_len: int
 
     _fields_ = [
         ("version", c_uint16),
@@ -121,8 +170,13 @@ class apm_bios_info(Structure):
     ]
 
 
-class ist_info(Structure):
+class ist_info(KernelStruct):
     """``struct ist_info`` (``<asm/ist.h>``): Intel SpeedStep BIOS information."""
+
+    signature: int
+    command: int
+    event: int
+    perf_level: int
 
     _fields_ = [
         ("signature", c_uint32),
@@ -132,14 +186,22 @@ class ist_info(Structure):
     ]
 
 
-class sys_desc_table(Structure):
+class sys_desc_table(KernelStruct):
     """``struct sys_desc_table`` (obsolete)."""
+
+    length: int
+    table: Array[c_uint8]
 
     _fields_ = [("length", c_uint16), ("table", c_uint8 * 14)]
 
 
-class olpc_ofw_header(Structure):
+class olpc_ofw_header(KernelStruct):
     """``struct olpc_ofw_header``: OLPC OpenFirmware hand-off."""
+
+    ofw_magic: int
+    ofw_version: int
+    cif_handler: int
+    irq_desc_table: int
 
     _pack_ = 1
     _fields_ = [
@@ -150,14 +212,25 @@ class olpc_ofw_header(Structure):
     ]
 
 
-class edid_info(Structure):
+class edid_info(KernelStruct):
     """``struct edid_info`` (``<video/edid.h>``)."""
+
+    dummy: Array[c_uint8]
 
     _fields_ = [("dummy", c_uint8 * 128)]
 
 
-class efi_info(Structure):
+class efi_info(KernelStruct):
     """``struct efi_info``: where EFI firmware left its system table and memory map."""
+
+    efi_loader_signature: int
+    efi_systab: int
+    efi_memdesc_size: int
+    efi_memdesc_version: int
+    efi_memmap: int
+    efi_memmap_size: int
+    efi_systab_hi: int
+    efi_memmap_hi: int
 
     _fields_ = [
         ("efi_loader_signature", c_uint32),
@@ -171,8 +244,12 @@ class efi_info(Structure):
     ]
 
 
-class boot_e820_entry(Structure):
+class boot_e820_entry(KernelStruct):
     """``struct boot_e820_entry``: one range of the BIOS memory map in the zero page."""
+
+    addr: int
+    size: int
+    type: int
 
     _pack_ = 1
     _fields_ = [("addr", c_uint64), ("size", c_uint64), ("type", c_uint32)]
@@ -180,82 +257,168 @@ class boot_e820_entry(Structure):
 
 # ---- struct edd_device_params (<linux/edd.h>) and its two unions of packed structs ---------------
 
-class _edd_isa(Structure):
+class _edd_isa(KernelStruct):
+    base_address: int
+    reserved1: int
+    reserved2: int
+
     _pack_ = 1
     _fields_ = [("base_address", c_uint16), ("reserved1", c_uint16), ("reserved2", c_uint32)]
 
 
-class _edd_pci(Structure):
+class _edd_pci(KernelStruct):
+    bus: int
+    slot: int
+    function: int
+    channel: int
+    reserved: int
+
     _pack_ = 1
     _fields_ = [("bus", c_uint8), ("slot", c_uint8), ("function", c_uint8), ("channel", c_uint8),
                 ("reserved", c_uint32)]
 
 
-class _edd_reserved64(Structure):
+class _edd_reserved64(KernelStruct):
+    reserved: int
+
     _pack_ = 1
     _fields_ = [("reserved", c_uint64)]
 
 
-class _edd_interface_path(Union):
+class _edd_interface_path(KernelUnion):
+    isa: _edd_isa
+    pci: _edd_pci
+    ibnd: _edd_reserved64
+    xprs: _edd_reserved64
+    htpt: _edd_reserved64
+    unknown: _edd_reserved64
+
     _fields_ = [("isa", _edd_isa), ("pci", _edd_pci), ("ibnd", _edd_reserved64),
                 ("xprs", _edd_reserved64), ("htpt", _edd_reserved64), ("unknown", _edd_reserved64)]
 
 
-class _edd_ata(Structure):
+class _edd_ata(KernelStruct):
+    device: int
+    reserved1: int
+    reserved2: int
+    reserved3: int
+    reserved4: int
+
     _pack_ = 1
     _fields_ = [("device", c_uint8), ("reserved1", c_uint8), ("reserved2", c_uint16),
                 ("reserved3", c_uint32), ("reserved4", c_uint64)]
 
 
-class _edd_atapi(Structure):
+class _edd_atapi(KernelStruct):
+    device: int
+    lun: int
+    reserved1: int
+    reserved2: int
+    reserved3: int
+    reserved4: int
+
     _pack_ = 1
     _fields_ = [("device", c_uint8), ("lun", c_uint8), ("reserved1", c_uint8), ("reserved2", c_uint8),
                 ("reserved3", c_uint32), ("reserved4", c_uint64)]
 
 
-class _edd_scsi(Structure):
+class _edd_scsi(KernelStruct):
+    id: int
+    lun: int
+    reserved1: int
+    reserved2: int
+
     _pack_ = 1
     _fields_ = [("id", c_uint16), ("lun", c_uint64), ("reserved1", c_uint16), ("reserved2", c_uint32)]
 
 
-class _edd_usb(Structure):
+class _edd_usb(KernelStruct):
+    serial_number: int
+    reserved: int
+
     _pack_ = 1
     _fields_ = [("serial_number", c_uint64), ("reserved", c_uint64)]
 
 
-class _edd_i1394(Structure):
+class _edd_i1394(KernelStruct):
+    eui: int
+    reserved: int
+
     _pack_ = 1
     _fields_ = [("eui", c_uint64), ("reserved", c_uint64)]
 
 
-class _edd_fibre(Structure):
+class _edd_fibre(KernelStruct):
+    wwid: int
+    lun: int
+
     _pack_ = 1
     _fields_ = [("wwid", c_uint64), ("lun", c_uint64)]
 
 
-class _edd_i2o(Structure):
+class _edd_i2o(KernelStruct):
+    identity_tag: int
+    reserved: int
+
     _pack_ = 1
     _fields_ = [("identity_tag", c_uint64), ("reserved", c_uint64)]
 
 
-class _edd_raid(Structure):
+class _edd_raid(KernelStruct):
+    array_number: int
+    reserved1: int
+    reserved2: int
+
     _pack_ = 1
     _fields_ = [("array_number", c_uint32), ("reserved1", c_uint32), ("reserved2", c_uint64)]
 
 
-class _edd_unknown_device(Structure):
+class _edd_unknown_device(KernelStruct):
+    reserved1: int
+    reserved2: int
+
     _pack_ = 1
     _fields_ = [("reserved1", c_uint64), ("reserved2", c_uint64)]
 
 
-class _edd_device_path(Union):
+class _edd_device_path(KernelUnion):
+    ata: _edd_ata
+    atapi: _edd_atapi
+    scsi: _edd_scsi
+    usb: _edd_usb
+    i1394: _edd_i1394
+    fibre: _edd_fibre
+    i2o: _edd_i2o
+    raid: _edd_raid
+    sata: _edd_ata
+    unknown: _edd_unknown_device
+
     _fields_ = [("ata", _edd_ata), ("atapi", _edd_atapi), ("scsi", _edd_scsi), ("usb", _edd_usb),
                 ("i1394", _edd_i1394), ("fibre", _edd_fibre), ("i2o", _edd_i2o), ("raid", _edd_raid),
                 ("sata", _edd_ata), ("unknown", _edd_unknown_device)]
 
 
-class edd_device_params(Structure):
+class edd_device_params(KernelStruct):
     """``struct edd_device_params``: a BIOS Enhanced Disk Drive parameter block."""
+
+    length: int
+    info_flags: int
+    num_default_cylinders: int
+    num_default_heads: int
+    sectors_per_track: int
+    number_of_sectors: int
+    bytes_per_sector: int
+    dpte_ptr: int
+    key: int
+    device_path_info_length: int
+    reserved2: int
+    reserved3: int
+    host_bus_type: Array[c_uint8]
+    interface_type: Array[c_uint8]
+    interface_path: _edd_interface_path
+    device_path: _edd_device_path
+    reserved4: int
+    checksum: int
 
     _pack_ = 1
     _fields_ = [
@@ -280,8 +443,16 @@ class edd_device_params(Structure):
     ]
 
 
-class edd_info(Structure):
+class edd_info(KernelStruct):
     """``struct edd_info``: one disk the BIOS described (unused by a VMM, kept for the layout)."""
+
+    device: int
+    version: int
+    interface_support: int
+    legacy_max_cylinder: int
+    legacy_max_head: int
+    legacy_sectors_per_track: int
+    params: edd_device_params
 
     _pack_ = 1
     _fields_ = [
@@ -300,13 +471,53 @@ class edd_info(Structure):
 # --------------------------------------------------------------------------------------------------
 
 
-class setup_header(Structure):
+class setup_header(KernelStruct):
     """``struct setup_header``: the bzImage header at image offset 0x1f1, copied into the zero page.
 
     A field exists only from the protocol version boot.rst gives for it; the header's real length
     in an image is given by the jump at 0x200, so an image may carry fewer (older protocol) or more
     (newer protocol) bytes than this structure.
     """
+
+    setup_sects: int
+    root_flags: int
+    syssize: int
+    ram_size: int
+    vid_mode: int
+    root_dev: int
+    boot_flag: int
+    jump: int
+    header: int
+    version: int
+    realmode_swtch: int
+    start_sys_seg: int
+    kernel_version: int
+    type_of_loader: int
+    loadflags: int
+    setup_move_size: int
+    code32_start: int
+    ramdisk_image: int
+    ramdisk_size: int
+    bootsect_kludge: int
+    heap_end_ptr: int
+    ext_loader_ver: int
+    ext_loader_type: int
+    cmd_line_ptr: int
+    initrd_addr_max: int
+    kernel_alignment: int
+    relocatable_kernel: int
+    min_alignment: int
+    xloadflags: int
+    cmdline_size: int
+    hardware_subarch: int
+    hardware_subarch_data: int
+    payload_offset: int
+    payload_length: int
+    setup_data: int
+    pref_address: int
+    init_size: int
+    handover_offset: int
+    kernel_info_offset: int
 
     _pack_ = 1
     _fields_ = [
@@ -352,8 +563,44 @@ class setup_header(Structure):
     ]
 
 
-class boot_params(Structure):
+class boot_params(KernelStruct):
     """``struct boot_params``, the 4 KiB "zero page" whose address the kernel gets in RSI."""
+
+    screen_info: screen_info
+    apm_bios_info: apm_bios_info
+    _pad2: Array[c_uint8]
+    tboot_addr: int
+    ist_info: ist_info
+    acpi_rsdp_addr: int
+    _pad3: Array[c_uint8]
+    hd0_info: Array[c_uint8]
+    hd1_info: Array[c_uint8]
+    sys_desc_table: sys_desc_table
+    olpc_ofw_header: olpc_ofw_header
+    ext_ramdisk_image: int
+    ext_ramdisk_size: int
+    ext_cmd_line_ptr: int
+    _pad4: Array[c_uint8]
+    cc_blob_address: int
+    edid_info: edid_info
+    efi_info: efi_info
+    alt_mem_k: int
+    scratch: int
+    e820_entries: int
+    eddbuf_entries: int
+    edd_mbr_sig_buf_entries: int
+    kbd_status: int
+    secure_boot: int
+    _pad5: Array[c_uint8]
+    sentinel: int
+    _pad6: Array[c_uint8]
+    hdr: setup_header
+    _pad7: Array[c_uint8]
+    edd_mbr_sig_buffer: Array[c_uint32]
+    e820_table: Array[boot_e820_entry]
+    _pad8: Array[c_uint8]
+    eddbuf: Array[edd_info]
+    _pad9: Array[c_uint8]
 
     _pack_ = 1
     _fields_ = [

@@ -14,6 +14,7 @@ import struct
 
 import attrs
 
+from kvmlib.ioctl.structs import field_offset
 from kvmlib.loader.bootparam import (
     BOOT_FLAG_MAGIC,
     HDRS_MAGIC,
@@ -39,8 +40,8 @@ PROTOCOL_64BIT_ENTRY = 0x020C
 _HEADER_SIZE = ctypes.sizeof(setup_header)
 # Fields are read up to the end of init_size (protocol 2.10); the header copied into the zero page
 # may run further, but never past hdr's slot there (edd_mbr_sig_buffer follows at 0x290).
-_FIELDS_END = SETUP_HEADER_OFFSET + setup_header.init_size.offset + 4
-_ZERO_PAGE_HDR_END = boot_params.edd_mbr_sig_buffer.offset
+_FIELDS_END = SETUP_HEADER_OFFSET + field_offset(setup_header, "init_size") + 4
+_ZERO_PAGE_HDR_END = field_offset(boot_params, "edd_mbr_sig_buffer")
 _U16 = struct.Struct("<H")
 
 

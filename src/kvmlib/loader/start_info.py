@@ -8,7 +8,9 @@ with the physical address of an ``hvm_start_info`` in EBX.
 
 from __future__ import annotations
 
-from ctypes import Structure, c_uint32, c_uint64
+from ctypes import c_uint32, c_uint64
+
+from kvmlib.ioctl.structs import KernelStruct
 
 #: ``hvm_start_info.magic``: "xEn3" with the 0x80 bit of the "E" set.
 XEN_HVM_START_MAGIC_VALUE = 0x336EC578
@@ -28,8 +30,19 @@ XEN_HVM_MEMMAP_TYPE_DISABLED = 6
 XEN_HVM_MEMMAP_TYPE_PMEM = 7
 
 
-class hvm_start_info(Structure):
+class hvm_start_info(KernelStruct):
     """``struct hvm_start_info``: the start-of-day block a PVH kernel finds at EBX."""
+
+    magic: int
+    version: int
+    flags: int
+    nr_modules: int
+    modlist_paddr: int
+    cmdline_paddr: int
+    rsdp_paddr: int
+    memmap_paddr: int
+    memmap_entries: int
+    reserved: int
 
     _fields_ = [
         ("magic", c_uint32),
@@ -46,8 +59,13 @@ class hvm_start_info(Structure):
     ]
 
 
-class hvm_modlist_entry(Structure):
+class hvm_modlist_entry(KernelStruct):
     """``struct hvm_modlist_entry``: one module; Linux takes the first as its initrd."""
+
+    paddr: int
+    size: int
+    cmdline_paddr: int
+    reserved: int
 
     _fields_ = [
         ("paddr", c_uint64),
@@ -57,8 +75,13 @@ class hvm_modlist_entry(Structure):
     ]
 
 
-class hvm_memmap_table_entry(Structure):
+class hvm_memmap_table_entry(KernelStruct):
     """``struct hvm_memmap_table_entry``: one range of the PVH memory map."""
+
+    addr: int
+    size: int
+    type: int
+    reserved: int
 
     _fields_ = [
         ("addr", c_uint64),
