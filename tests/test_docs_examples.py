@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kvmlib import Kvm
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -30,3 +32,10 @@ def test_the_snapshot_fuzzer_example_resets_and_restores(kvm: Kvm, tmp_path: Pat
         "input 200: reset copied back 201 pages\n"
         "input  17: reset copied back 18 pages\n"
         "restored VM finished input 5: True, last page written 0xffffffffdeadbeef\n")
+
+
+def test_the_testing_guide_examples_pass_as_a_harness_suite(kvm: Kvm,
+                                                            pytester: pytest.Pytester) -> None:
+    # What docs/testing.rst shows is a real pytest suite: run it as its readers would.
+    result = pytester.runpytest(str(EXAMPLES / "testing_guide"), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)

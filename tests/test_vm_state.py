@@ -229,3 +229,27 @@ def test_from_state_refuses_a_bus_without_the_saved_devices(kvm: Kvm, make_vm: F
             pytest.raises(SnapshotError, match="Tape"):
         KvmVm.from_state(kvm, state, copy, EventExitHandler(), counting_bus(Counter(), Tape()))
     assert isinstance(IoManager(), IoManager)
+
+
+def test_save_state_reads_each_vcpus_mp_state_before_its_registers(
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reading the MP state lets KVM finish a pending INIT/SIPI, which rewrites the registers: it
+    # must come first, or the registers saved would be the ones from before (as Firecracker orders).
+    with GuestMemoryMmap.from_ranges([(0, 2 << 20)]) as memory, KvmVm.new(
+            kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(), IoManager()) as vm:
+        fd = vm.vcpus[0].vcpu_fd
+        calls: list[str] = []
+
+        def recording(name: str) -> Callable[..., object]:
+            real = getattr(fd, name)
+
+            def call(*args: object, **kwargs: object) -> object:
+                calls.append(name)
+                return real(*args, **kwargs)
+            return call
+
+        for name in ("get_mp_state", "get_regs", "get_sregs", "get_cpuid2", "get_xsave",
+                     "get_lapic", "get_msrs", "get_vcpu_events"):
+            monkeypatch.setattr(fd, name, recording(name))
+        vm.save_state()
+    assert calls[0] == "get_mp_state", calls

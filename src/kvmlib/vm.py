@@ -157,8 +157,9 @@ class KvmVm(Closeable):
     """
 
     def __init__(self, fd: VmFd, config: VmConfig, exit_handler: ExitHandler,
-                 guest_memory: GuestMemoryMmap, bus: IoManager) -> None:
+                 guest_memory: GuestMemoryMmap, bus: IoManager, *, own_memory: bool = False) -> None:
         # Private: build VMs with new() or from_state(), which also create the slots and vCPUs.
+        self._own_memory = own_memory
         self.fd = fd
         #: The guest memory registered with KVM (still owned and closed by the caller).
         self.guest_memory = guest_memory
@@ -181,9 +182,13 @@ class KvmVm(Closeable):
 
     @classmethod
     def new(cls, kvm: Kvm, vm_config: VmConfig, guest_memory: GuestMemoryMmap,
-            exit_handler: ExitHandler, bus: IoManager) -> KvmVm:
-        """Create a VM ready to :meth:`run`: memory slots, MP table, irqchip, PIT and vCPUs."""
-        vm = cls._create(kvm, vm_config, exit_handler, guest_memory, bus)
+            exit_handler: ExitHandler, bus: IoManager, *, own_memory: bool = False) -> KvmVm:
+        """Create a VM ready to :meth:`run`: memory slots, MP table, irqchip, PIT and vCPUs.
+
+        With ``own_memory`` the VM takes the guest memory over: :meth:`close` closes it too (and
+        so does a failure here). Otherwise it stays the caller's to close.
+        """
+        vm = cls._create(kvm, vm_config, exit_handler, guest_memory, bus, own_memory)
         try:
             MpTable(vm_config.num_vcpus).write(guest_memory)
             vm._create_vcpus()
@@ -194,18 +199,26 @@ class KvmVm(Closeable):
 
     @classmethod
     def from_state(cls, kvm: Kvm, state: VmState, guest_memory: GuestMemoryMmap,
-                   exit_handler: ExitHandler, bus: IoManager) -> KvmVm:
+                   exit_handler: ExitHandler, bus: IoManager, *,
+                   own_memory: bool = False) -> KvmVm:
         """A VM that continues exactly where the saved one stopped once :meth:`run` is called.
 
         ``guest_memory`` must already hold the saved VM's memory (see :mod:`kvmlib.snapshot`), and
         ``bus`` the same stateful devices at the same places; their state is restored too.
+        ``own_memory`` as for :meth:`new`.
 
         Raises:
             SnapshotError: the state does not fit (memory layout, devices); checked before any
                 KVM object is created.
         """
-        _check_fits(state, guest_memory, bus)
-        vm = cls._create(kvm, VmConfig.from_state(state), exit_handler, guest_memory, bus)
+        try:
+            _check_fits(state, guest_memory, bus)
+        except BaseException:
+            if own_memory:
+                guest_memory.close()
+            raise
+        vm = cls._create(kvm, VmConfig.from_state(state), exit_handler, guest_memory, bus,
+                         own_memory)
         try:
             vm._restore_vm_state(state)
             vm._create_vcpus(state)
@@ -217,9 +230,15 @@ class KvmVm(Closeable):
 
     @classmethod
     def _create(cls, kvm: Kvm, config: VmConfig, exit_handler: ExitHandler,
-                guest_memory: GuestMemoryMmap, bus: IoManager) -> KvmVm:
+                guest_memory: GuestMemoryMmap, bus: IoManager, own_memory: bool) -> KvmVm:
         """KVM_CREATE_VM, the memory slots and the in-kernel devices: what new and restored share."""
-        vm = cls(kvm.create_vm(), config, exit_handler, guest_memory, bus)
+        try:
+            fd = kvm.create_vm()
+        except BaseException:
+            if own_memory:
+                guest_memory.close()
+            raise
+        vm = cls(fd, config, exit_handler, guest_memory, bus, own_memory=own_memory)
         try:
             vm._register_memory(kvm)
             vm._create_irqchip()
@@ -523,6 +542,8 @@ class KvmVm(Closeable):
         finally:
             # Only now that KVM no longer maps it may the memory go.
             self.guest_memory.release()
+            if self._own_memory:
+                self.guest_memory.close()
 
 
 _LIVE = frozenset({LifecycleState.RUNNING, LifecycleState.PAUSING, LifecycleState.PAUSED})
