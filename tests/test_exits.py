@@ -155,25 +155,11 @@ def make_vm(kvm: Kvm) -> Iterator[Factory]:
             memory.close()
 
 
-def feed_first(vm: KvmVm, exit_: VcpuExit, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make vCPU 0's next KVM_RUN return ``exit_`` (as this host's KVM cannot produce some), then
-    run the guest for real."""
-    fd = vm.vcpus[0].vcpu_fd
-    real = fd.run
-    fed = [exit_]
-
-    def run() -> VcpuExit:
-        return fed.pop() if fed else real()
-
-    monkeypatch.setattr(fd, "run", run)
-
-
-def test_a_handled_debug_exit_lets_the_guest_run_on(make_vm: Factory,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_handled_debug_exit_lets_the_guest_run_on(make_vm: Factory) -> None:
     handler = Recorder((Debug,))
     vm, reporter = make_vm(OUT_THEN_SPIN, handler)
     event = Debug(exception=1, pc=int(BSP_CODE), dr6=0x4000, dr7=0)
-    feed_first(vm, event, monkeypatch)
+    vm.vcpus[0].feed_exit(event)  # this host's KVM cannot produce it: feed it
     vm.run(BSP_CODE)
     assert reporter.wait_for_writers(1)  # the out after the "breakpoint" happened
     bounded(vm.shutdown)
@@ -181,11 +167,11 @@ def test_a_handled_debug_exit_lets_the_guest_run_on(make_vm: Factory,
 
 
 def test_a_handled_hypercall_is_answered_and_the_guest_runs_on(
-        make_vm: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_vm: Factory) -> None:
     handler = Recorder((Hypercall,))
     vm, reporter = make_vm(OUT_THEN_SPIN, handler)
     raw = union((0, struct.pack("<Q6Q", 5, 1, 2, 3, 4, 5, 6)))
-    feed_first(vm, Hypercall(5, (1, 2, 3, 4, 5, 6), 1, raw), monkeypatch)
+    vm.vcpus[0].feed_exit(Hypercall(5, (1, 2, 3, 4, 5, 6), 1, raw))  # not from this host: fed
     vm.run(BSP_CODE)
     assert reporter.wait_for_writers(1)
     bounded(vm.shutdown)
@@ -196,9 +182,9 @@ def test_a_handled_hypercall_is_answered_and_the_guest_runs_on(
 @pytest.mark.parametrize("exit_", [Debug(3, 0x10000, 0, 0), ExceptionExit(6, 0),
                                    Undecoded(1000, bytes(EXIT_SIZE))])
 def test_an_exit_nobody_handles_stops_the_vcpu_with_an_error_naming_it(
-        make_vm: Factory, monkeypatch: pytest.MonkeyPatch, exit_: VcpuExit) -> None:
+        make_vm: Factory, exit_: VcpuExit) -> None:
     vm, _ = make_vm(OUT_THEN_SPIN, Recorder(()))
-    feed_first(vm, exit_, monkeypatch)
+    vm.vcpus[0].feed_exit(exit_)  # this host's KVM cannot produce it: feed it
     vm.run(BSP_CODE)
     with pytest.raises(VcpuError, match=type(exit_).__name__) as raised:
         bounded(lambda: vm.wait(DEADLINE))

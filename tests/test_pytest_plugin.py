@@ -29,6 +29,7 @@ class Port:
 
     def pio_write(self, base, offset, data):
         if self.fail:
+            self.seen.set()
             raise RuntimeError("device on fire")
         self.value = data[0]
         self.seen.set()
@@ -74,8 +75,10 @@ def test_a_device_that_raises_makes_the_test_fail_even_if_it_never_asks(
             vm.wait(10)  # the vCPU ends with the device's exception: wait() raises it
 
         def test_does_not_even_wait(vm_factory):
-            vm = vm_factory({GUEST}, bus=bus_with(Port(fail=True)))
+            port = Port(fail=True)
+            vm = vm_factory({GUEST}, bus=bus_with(port))
             vm.run()
+            assert port.seen.wait(10)  # the device raised; the test collects nothing
     ''')
     result = project.runpytest("-p", "no:cacheprovider")
     # The first fails in the test itself; the second errors at teardown (never a silent pass).

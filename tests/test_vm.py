@@ -257,10 +257,10 @@ def test_shutdown_from_a_device_on_a_vcpu_thread(make_vm: Factory) -> None:
 
 @pytest.mark.parametrize("bad_exit", [InternalError(1, (2, 3)), FailEntry(0x21, 0), Unknown(99)])
 def test_error_exits_end_the_vcpu_with_the_exit_recorded(
-        make_vm: Factory, monkeypatch: pytest.MonkeyPatch, bad_exit: object) -> None:
+        make_vm: Factory, bad_exit: object) -> None:
     vm = make_vm(1, {BSP_CODE: SPIN})
     # Real KVM raises these only on hardware trouble: feed one to the loop instead.
-    monkeypatch.setattr(vm.vcpus[0].vcpu_fd, "run", lambda: bad_exit)
+    vm.vcpus[0].feed_exit(bad_exit)  # type: ignore[arg-type]
     vm.run(BSP_CODE)
     with pytest.raises(VcpuError, match=r"vCPU 0 stopped at RIP 0x[0-9a-f]+: ") as raised:
         vm.wait(10)

@@ -61,10 +61,18 @@ from kvmlib.ioctl import (
 )
 from kvmlib.memory import GuestAddress, GuestMemoryMmap, GuestRegionMmap
 from kvmlib.memory_image import MemoryImage
-from kvmlib.reset import VmSnapshot
+from kvmlib.reset import ResetTimings, VmSnapshot
 from kvmlib.runstate import LifecycleState, VcpuRunState, VmRunState
 from kvmlib.state import DeviceState, VcpuState, VmState
-from kvmlib.vcpu import KvmVcpu, Vcpu, VcpuConfig, VcpuConfigList, setup_signal_handler
+from kvmlib.vcpu import (
+    InlineResult,
+    KvmVcpu,
+    StopReason,
+    Vcpu,
+    VcpuConfig,
+    VcpuConfigList,
+    setup_signal_handler,
+)
 from kvmlib.vm import KvmVm, Vm, VmConfig
 
 __version__ = "0.1.0"
@@ -115,6 +123,7 @@ __all__ = [
     "HideFeatures",
     "Hlt",
     "Hypercall",
+    "InlineResult",
     "InternalError",
     "Intr",
     "IoIn",
@@ -136,9 +145,11 @@ __all__ = [
     "MmioWrite",
     "PioDevice",
     "PioRange",
+    "ResetTimings",
     "Shutdown",
     "SnapshotError",
     "StatefulDevice",
+    "StopReason",
     "SystemEvent",
     "SystemEventKind",
     "Undecoded",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -120,6 +121,10 @@ class StatefulDevice(Protocol):
 
 _Entry = tuple[int, int, object]  # (base, end, device)
 _Table = tuple[tuple[int, ...], tuple[_Entry, ...]]  # (sorted starts, the entries in that order)
+#: What :attr:`IoManager.pio_handlers` maps a port to: ``(base, end, read, write)``, the device's
+#: range and its bound ``pio_read`` / ``pio_write``.
+PioHandler = tuple[int, int, Callable[[int, int, memoryview], None],
+                   Callable[[int, int, memoryview], None]]
 
 
 class _Space:
@@ -173,6 +178,13 @@ class IoManager:
         self._lock = threading.Lock()
         self._pio = _Space("PIO")
         self._mmio = _Space("MMIO")
+        #: Every registered port, to its handler: one dictionary look-up per port exit (the vCPU
+        #: loop's dispatch). Never mutated, only replaced, like the range tables.
+        self.pio_handlers: Mapping[int, PioHandler] = {}
+        #: Counts registrations and removals: what was worked out from the devices (a reset plan,
+        #: the list of stateful devices) holds while it is unchanged.
+        self.generation = 0
+        self._stateful: tuple[int, dict[tuple[str, int], StatefulDevice]] = (-1, {})
         self.unclaimed_pio_reads = 0
         self.unclaimed_pio_writes = 0
         self.unclaimed_mmio_reads = 0
@@ -182,21 +194,34 @@ class IoManager:
         """Attach ``device`` to the ports of ``rng``; BusError if they overlap another range."""
         with self._lock:
             self._pio.add(rng, device)
+            self._publish_pio_handlers()
+            self.generation += 1
 
     def register_mmio(self, rng: MmioRange, device: MmioDevice) -> None:
         """Attach ``device`` to the addresses of ``rng``; BusError if they overlap another range."""
         with self._lock:
             self._mmio.add(rng, device)
+            self.generation += 1
 
     def deregister_pio(self, base: int) -> None:
         """Remove the port range starting at ``base``."""
         with self._lock:
             self._pio.remove(base)
+            self._publish_pio_handlers()
+            self.generation += 1
+
+    def _publish_pio_handlers(self) -> None:
+        handlers: dict[int, PioHandler] = {}
+        for rng, device in self._pio.ranges.values():
+            entry = (rng.base, rng.end, device.pio_read, device.pio_write)  # type: ignore[attr-defined]
+            handlers.update(dict.fromkeys(range(rng.base, rng.end), entry))
+        self.pio_handlers = handlers
 
     def deregister_mmio(self, base: int) -> None:
         """Remove the MMIO range starting at ``base``."""
         with self._lock:
             self._mmio.remove(base)
+            self.generation += 1
 
     def pio_ranges(self) -> tuple[tuple[_Range, object], ...]:
         """Every registered port range and its device."""
@@ -211,33 +236,51 @@ class IoManager:
 
     def stateful_devices(self) -> dict[tuple[str, int], StatefulDevice]:
         """Every device with state, once each, keyed by ``("pio" | "mmio", base of its first range)``."""
-        found: dict[tuple[str, int], StatefulDevice] = {}
+        generation, found = self._stateful
+        if generation == self.generation:
+            return dict(found)
+        generation = self.generation
+        found = {}
         seen: set[int] = set()
         for space, ranges in (("pio", self.pio_ranges()), ("mmio", self.mmio_ranges())):
             for rng, device in sorted(ranges, key=lambda item: item[0].base):
                 if isinstance(device, StatefulDevice) and id(device) not in seen:
                     seen.add(id(device))
                     found[space, rng.base] = device
-        return found
+        # Checking a runtime protocol is slow: worth doing once per set of devices.
+        self._stateful = (generation, found)
+        return dict(found)
 
     def pio_read(self, port: int, data: memoryview) -> bool:
         """Dispatch a guest ``in``; True if a device answered, else ``data`` is all ones."""
-        entry = self._pio.find(port, len(data))
-        if entry is None:
-            self.unclaimed_pio_reads += 1
-            data[:] = b"\xff" * len(data)
+        entry = self.pio_handlers.get(port)
+        if entry is None or port + len(data) > entry[1]:
+            self.unclaimed_read(data)
             return False
-        entry[2].pio_read(entry[0], port - entry[0], data)  # type: ignore[attr-defined]
+        entry[2](entry[0], port - entry[0], data)
         return True
 
     def pio_write(self, port: int, data: memoryview) -> bool:
         """Dispatch a guest ``out``; True if a device took it, else it is dropped."""
-        entry = self._pio.find(port, len(data))
-        if entry is None:
+        entry = self.pio_handlers.get(port)
+        if entry is None or port + len(data) > entry[1]:
             self.unclaimed_pio_writes += 1
             return False
-        entry[2].pio_write(entry[0], port - entry[0], data)  # type: ignore[attr-defined]
+        entry[3](entry[0], port - entry[0], data)
         return True
+
+    def unclaimed_read(self, data: memoryview) -> None:
+        """Answer a port read no device claims: all ones, as an empty ISA bus does (counted)."""
+        self.unclaimed_pio_reads += 1
+        data[:] = b"\xff" * len(data)
+
+    def unclaimed_read_at(self, port: int, size: int, data: memoryview) -> None:
+        """:meth:`unclaimed_read`, called as a device would be (for the vCPU loop's dispatch)."""
+        self.unclaimed_read(data)
+
+    def unclaimed_write(self, port: int, size: int, data: memoryview) -> None:
+        """Drop a port write no device claims (counted), called as a device would be."""
+        self.unclaimed_pio_writes += 1
 
     def mmio_read(self, addr: int, data: memoryview) -> bool:
         """Dispatch a guest MMIO load; True if a device answered, else ``data`` is all ones."""

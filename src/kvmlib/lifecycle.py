@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from kvmlib.errors import VcpuError, VmError
@@ -70,6 +71,8 @@ class Lifecycle:
         # taken before the run state's lock, never after it.
         self._ops = threading.RLock()
         self._close_lock = threading.Lock()
+        # The thread running the guest inline (exclusive()), if one is.
+        self._busy: int | None = None
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -102,16 +105,37 @@ class Lifecycle:
         Nothing can start or resume the vCPUs meanwhile; ``shutdown()`` still can (it only makes
         parked vCPUs end), and ``close()`` waits for the block to end.
         """
+        self._not_busy(action or call)
         with self._ops:
             with self.run_state.condition:
                 state = self.run_state.require(CALLS[call], action or call)
             yield state
+
+    @contextlib.contextmanager
+    def exclusive(self, call: str, action: str) -> Iterator[LifecycleState]:
+        """:meth:`holding` for a block that runs the guest on the calling thread (inline).
+
+        Other threads' calls that would wait for the block (save, reset, run, resume) are refused
+        at once instead: the block lasts as long as the guest runs.
+        """
+        with self.holding(call, action) as state:
+            self._busy = threading.get_ident()
+            try:
+                yield state
+            finally:
+                self._busy = None
+
+    def _not_busy(self, action: str) -> None:
+        busy = self._busy
+        if busy is not None and busy != threading.get_ident():
+            raise VmError(f"cannot {action}: the VM is running inline on another thread")
 
     # ---- run / pause / resume -------------------------------------------------------------------
 
     def run(self, instruction_pointer: GuestAddress | int | None = None) -> None:
         """Start one thread per vCPU and return at once; they enter the guest together."""
         rs = self.run_state
+        self._not_busy("run")
         with self._ops, rs.condition:
             rs.require(CALLS["run"], "run")
             if len(self._vcpus) != self._num_vcpus:
@@ -209,6 +233,7 @@ class Lifecycle:
             VmError: the VM is not paused or running (a pause in progress included).
         """
         rs = self.run_state
+        self._not_busy("resume")
         with self._ops, rs.condition:
             if rs.require(CALLS["resume"], "resume") is _PD:
                 rs.move(_R)
@@ -313,4 +338,60 @@ class Lifecycle:
                         rip=getattr(first, "rip", None)) from first
 
 
-__all__ = ["CALLS", "Lifecycle"]
+class Watchdog:
+    """Calls a function once a deadline passes, unless disarmed first; one thread, reused.
+
+    For timeouts of inline runs: arming and disarming are a lock and a notify, not a thread.
+    :meth:`close` ends the thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._action: Callable[[], None] | None = None
+        self._generation = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+        self._thread.start()
+
+    def arm(self, timeout: float, action: Callable[[], None]) -> None:
+        """Call ``action`` (on the watchdog's thread) ``timeout`` seconds from now."""
+        with self._cond:
+            self._deadline = time.monotonic() + timeout
+            self._action = action
+            self._generation += 1
+            self._cond.notify_all()
+
+    def disarm(self) -> None:
+        """Forget the pending action, if it has not run yet."""
+        with self._cond:
+            self._deadline = self._action = None
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """End the thread (joined); idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self._closed:
+                deadline, generation = self._deadline, self._generation
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                action = self._action
+                self._deadline = self._action = None
+                if action is not None and generation == self._generation:
+                    action()
+
+
+__all__ = ["CALLS", "Lifecycle", "Watchdog"]

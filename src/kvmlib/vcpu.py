@@ -8,7 +8,9 @@ exist, then calls KVM_RUN in a loop, handing port and MMIO exits to the bus. A V
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import enum
 import errno
 import logging
 import signal
@@ -34,6 +36,11 @@ from kvmlib.bus import IoManager
 from kvmlib.errors import KvmIoctlError, VcpuError, VmError
 from kvmlib.exit_handler import ExitHandler
 from kvmlib.ioctl import (
+    KVM_EXIT_IO,
+    KVM_RUN,
+    KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
     Cap,
     GuestDebug,
     Hlt,
@@ -49,12 +56,15 @@ from kvmlib.ioctl import (
     SregsFields,
     SystemEvent,
     VcpuExit,
+    VcpuFd,
     VmFd,
+    io_exit_key,
     kvm_cpuid_entry2,
     kvm_debugregs,
     kvm_guest_debug,
     kvm_lapic_state,
     kvm_mp_state,
+    kvm_msrs,
     kvm_regs,
     kvm_sregs,
     kvm_vcpu_events,
@@ -62,7 +72,9 @@ from kvmlib.ioctl import (
     kvm_xsave,
     make_kvm_cpuid2,
     make_kvm_guest_debug,
+    make_kvm_msrs,
 )
+from kvmlib.ioctl.fd import run_ioctl
 from kvmlib.memory import GuestAddress
 from kvmlib.runstate import VcpuRunState, VmRunState
 from kvmlib.state import VcpuState
@@ -210,6 +222,27 @@ class Vcpu(Protocol):
         """Release the vCPU's resources (called once its thread has ended); idempotent."""
 
 
+class StopReason(enum.Enum):
+    """Why :meth:`KvmVcpu.run_inline` (and :meth:`kvmlib.KvmVm.run_inline`) returned."""
+
+    #: ``stop_inline()`` was called: by a device, the exit handler, or another thread.
+    REQUESTED = "requested"
+    #: The run's timeout passed.
+    TIMEOUT = "timeout"
+    #: The guest stopped: ``hlt`` without an in-kernel irqchip, a shutdown, a system event.
+    GUEST_STOPPED = "guest stopped"
+    #: The VM began stopping (``shutdown()`` or ``close()`` from another thread).
+    VM_STOPPING = "VM stopping"
+
+
+@attrs.define(frozen=True, slots=True)
+class InlineResult:
+    """What ended an inline run: the reason, and the exit when the guest stopped."""
+
+    reason: StopReason
+    exit: VcpuExit | None
+
+
 class KvmVcpu:
     """A KVM vCPU configured for a 64-bit x86 boot, with the vmm-reference run loop.
 
@@ -240,8 +273,13 @@ class KvmVcpu:
         self.exit_reason: VcpuExit | None = None
         self._kick_lock = threading.Lock()
         self._closed = False
+        self._fed: collections.deque[VcpuExit] = collections.deque()
+        # Why run_inline() should return, once asked (None: not asked).
+        self._stop_requested: StopReason | None = None
         self._thread_ident: int | None = None
         self.vcpu_fd = vm_fd.create_vcpu(config.id)
+        # Registers, special registers and events staged in kvm_run instead of three ioctls.
+        self._sync_regs = vm_fd.check_extension(Cap.KVM_CAP_SYNC_REGS) & _SYNC_ALL == _SYNC_ALL
         # Guests with AMX or other large XSAVE features need more than struct kvm_xsave's 4 KiB.
         self._xsave_size = max(vm_fd.check_extension(Cap.KVM_CAP_XSAVE2), ctypes.sizeof(kvm_xsave))
         try:
@@ -387,6 +425,56 @@ class KvmVcpu:
         # - Events last: setting registers clears pending exceptions, which the events carry.
         fd.set_vcpu_events(kvm_vcpu_events.from_buffer_copy(state.vcpu_events))
 
+    def plan_reset(self, state: VcpuState) -> VcpuResetPlan:
+        """Prepare :meth:`reset` to ``state``: every structure built once, for many resets."""
+        if state.id != self.id:
+            raise VmError(f"the state of vCPU {state.id} cannot be given to vCPU {self.id}")
+        xsave: kvm_xsave | bytearray = bytearray(state.xsave) if len(
+            state.xsave) > ctypes.sizeof(kvm_xsave) else kvm_xsave.from_buffer_copy(state.xsave)
+        sregs = kvm_sregs.from_buffer_copy(state.sregs)
+        return VcpuResetPlan(
+            state=state, mp_state=kvm_mp_state(state.mp_state), sregs=sregs, xsave=xsave,
+            xcrs=kvm_xcrs.from_buffer_copy(state.xcrs),
+            debugregs=kvm_debugregs.from_buffer_copy(state.debugregs),
+            lapic=kvm_lapic_state.from_buffer_copy(state.lapic), msrs=make_kvm_msrs(state.msrs),
+            apic_base=sregs.apic_base)
+
+    def reset(self, plan: VcpuResetPlan) -> None:
+        """Put the vCPU back in ``plan``'s state, restoring only what can have changed since.
+
+        What the fast reset of a VM (:meth:`kvmlib.KvmVm.reset_to`) does per vCPU; call it only
+        while the vCPU is not in KVM_RUN. Registers, special registers and events go through
+        ``kvm_run`` (KVM_CAP_SYNC_REGS) when the host has it: KVM loads them at the next KVM_RUN,
+        saving three ioctls, and reading them before that still sees the restored values.
+        """
+        fd = self.vcpu_fd
+        state = plan.state
+        # Not restored: CPUID. Only KVM_SET_CPUID2 from user space changes it, never the guest,
+        # and setting it again is the most expensive vCPU ioctl there is.
+        # MP state: halting, INIT and SIPI change it. Before the registers, as in restore_state.
+        fd.set_mp_state(plan.mp_state)
+        # Special registers now when the APIC base (its mode: xAPIC or x2APIC) differs from the
+        # saved one: the LAPIC state below is read in the format of the current mode. kvm_run
+        # reports the current base after every exit, so comparing costs no ioctl.
+        staged_sregs = self._sync_regs and fd.kvm_run.apic_base == plan.apic_base
+        if not staged_sregs:
+            fd.set_sregs(plan.sregs)
+        # The FPU/SSE/AVX state, XCR0 (XSETBV), the debug registers (MOV DR), the LAPIC (timer,
+        # TPR, interrupts in service) and the MSRs (WRMSR, the TSC ticking): all guest-writable.
+        fd.set_xsave(plan.xsave)
+        fd.set_xcrs(plan.xcrs)
+        fd.set_debugregs(plan.debugregs)
+        # LAPIC before MSRs: the TSC-deadline MSR is dropped unless the timer is in that mode.
+        fd.set_lapic(plan.lapic)
+        fd.set_msrs(plan.msrs)
+        # Registers, and events last (setting registers clears pending exceptions): staged, KVM
+        # applies them in that order at the next KVM_RUN.
+        if self._sync_regs:
+            fd.set_sync_regs(state.regs, state.sregs if staged_sregs else None, state.vcpu_events)
+        else:
+            fd.set_regs(kvm_regs.from_buffer_copy(state.regs))
+            fd.set_vcpu_events(kvm_vcpu_events.from_buffer_copy(state.vcpu_events))
+
     def kick(self) -> None:
         """Set ``immediate_exit`` and signal the vCPU's thread, if it is in its loop.
 
@@ -424,57 +512,154 @@ class KvmVcpu:
             with self._kick_lock:
                 self._thread_ident = None
 
-    def _loop(self) -> None:
-        # The hot path: names bound once, exit types compared by identity.
-        run = self.vcpu_fd.run
+    def run_inline(self) -> InlineResult:
+        """Run the guest on the calling thread until something says stop; return what did.
+
+        The synchronous loop for fuzzers and harnesses (what :meth:`kvmlib.KvmVm.run_inline`
+        drives): the same exit loop as :meth:`run`, with no barrier and no parking, and ``hlt`` or
+        a shutdown ending this run rather than the VM. It returns when :meth:`stop_inline` is
+        called (by a device, the exit handler or another thread), when the guest stops, or when
+        the VM begins stopping; an error or a device's exception is raised here.
+        """
+        with self._kick_lock:
+            self._thread_ident = threading.get_ident()
+        try:
+            return self._loop(inline=True) or InlineResult(StopReason.VM_STOPPING, None)
+        finally:
+            with self._kick_lock:
+                self._thread_ident = None
+            self._stop_requested = None
+
+    def clear_stop(self) -> None:
+        """Forget a stop request (and its pending kick) that came too late for the last run."""
+        self._stop_requested = None
+        self.vcpu_fd.set_immediate_exit(False)
+
+    def stop_inline(self, reason: StopReason = StopReason.REQUESTED) -> None:
+        """Make :meth:`run_inline` return soon with ``reason``; from any thread, never blocks.
+
+        From a device or the exit handler (on the running thread) it costs one KVM_RUN that
+        returns at once; from another thread, a kick.
+        """
+        if self._stop_requested is None:
+            self._stop_requested = reason
+        self.kick()
+
+    def feed_exit(self, exit_: VcpuExit) -> None:
+        """Queue an exit for the vCPU loop to handle before its next KVM_RUN, as if KVM returned it.
+
+        For testing exit handling a host cannot produce (a debug exit, a hypercall): the loop
+        treats it exactly as a real one. Thread-safe; takes effect at the loop's next turn (kick
+        the vCPU to make that soon).
+        """
+        self._fed.append(exit_)
+
+    def _loop(self, inline: bool = False) -> InlineResult | None:
+        # The hot path. After a KVM_RUN every Python operation runs on cold caches, so a single
+        # port access (the most frequent exit by far) costs three reads of kvm_run, one dictionary
+        # look-up and the call into the device: no exit object, no unpacking. What to call for
+        # each distinct port exit is worked out once and kept, until the bus's devices change.
+        vcpu_fd = self.vcpu_fd
+        fd = vcpu_fd.fd
+        u32, u64 = vcpu_fd.run_words
+        ioctl, request = run_ioctl, KVM_RUN
+        current_exit, run_failed = vcpu_fd.current_exit, vcpu_fd.run_failed
         bus = self.bus
-        pio_write, pio_read = bus.pio_write, bus.pio_read
-        state = self.run_state
+        fed = self._fed
         owner = self.exit_handler
         # Skip the call per exit when the handler keeps the default (handles nothing).
         handle_exit = None if owner is None or type(owner).handle_exit is ExitHandler.handle_exit \
             else owner.handle_exit
+        targets: dict[int, _PioTarget] = {}
+        exit_io = KVM_EXIT_IO
+        handlers = bus.pio_handlers
         while True:
-            try:
-                exit_ = run()
-            except KvmIoctlError as e:
-                if e.errno == errno.EAGAIN:
-                    continue
-                raise
-            # Most frequent first: port and MMIO exits are the hot path. Exact type checks (the
-            # exits are final) and single accesses dispatched inline save calls per exit.
-            kind = type(exit_)
-            if kind is IoOut or kind is IoIn:
-                io: IoOut = exit_  # type: ignore[assignment]  # IoIn has the same fields
-                port, size, count, data = io
-                handler = pio_write if kind is IoOut else pio_read
-                if count == 1:
-                    handler(port, data)
-                else:
-                    _dispatch(handler, port, size, count, data)
-            elif isinstance(exit_, MmioWrite):
-                bus.mmio_write(exit_.address, exit_.data)
-            elif isinstance(exit_, MmioRead):
-                bus.mmio_read(exit_.address, exit_.data)
-            elif isinstance(exit_, Intr):
-                self.vcpu_fd.set_immediate_exit(False)
-                current = state.state
-                if current is VmRunState.SUSPENDING:
-                    current = state.park()
-                if current is VmRunState.EXITING:
-                    return
+            if fed:
+                exit_ = fed.popleft()
             else:
-                # Every other exit is offered to the exit handler first: a harness may handle
-                # breakpoints, MSR accesses or hypercalls and keep the guest running.
-                if handle_exit is not None and handle_exit(self, exit_):
-                    continue
-                if isinstance(exit_, (Hlt, Shutdown, SystemEvent)):
-                    self.exit_reason = exit_
-                    log.debug("vCPU %d stopped: %r", self.id, exit_)
-                    state.set_and_notify(VmRunState.EXITING)
-                    return
-                # Errors and exits nobody handled: never retried, never spun on.
-                raise self._exit_error(exit_)
+                try:
+                    ioctl(fd, request)
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        continue
+                    exit_ = run_failed(e)  # a kick (Intr); anything else raises
+                else:
+                    if u32[2] == exit_io:  # exit_reason; see io_exit_key for the other words
+                        target = targets.get(u32[8] | u32[9] << 32 | u64[5] << 64)
+                        if target is not None and handlers is bus.pio_handlers:
+                            target[0](target[1], target[2], target[3])
+                            continue
+                    exit_ = current_exit()
+                    if type(exit_) is IoOut or type(exit_) is IoIn:
+                        if handlers is not bus.pio_handlers:  # devices came or went
+                            handlers = bus.pio_handlers
+                            targets.clear()
+                        target = self._pio_target(exit_)
+                        if target is not None:
+                            if len(targets) < _PIO_TARGETS_CACHED:
+                                targets[io_exit_key(*_io_words(vcpu_fd))] = target
+                            target[0](target[1], target[2], target[3])
+                            continue
+            done = self._handle(exit_, handle_exit, inline)
+            if done:
+                return done if isinstance(done, InlineResult) else None
+
+    def _pio_target(self, exit_: IoIn | IoOut) -> _PioTarget | None:
+        """What a single port access calls, and with what; None for string I/O.
+
+        The device's method and its arguments, or the bus's answer for an unclaimed port. String
+        I/O (several accesses per exit) is dispatched one access at a time instead.
+        """
+        port, size, count, data = exit_
+        if count != 1:
+            return None
+        bus = self.bus
+        entry = bus.pio_handlers.get(port)
+        if entry is not None and port + size <= entry[1]:
+            return (entry[3] if type(exit_) is IoOut else entry[2]), entry[0], port - entry[0], data
+        if type(exit_) is IoOut:
+            return bus.unclaimed_write, port, size, data
+        return bus.unclaimed_read_at, port, size, data
+
+    def _handle(self, exit_: VcpuExit, handle_exit: Callable[[KvmVcpu, VcpuExit], bool] | None,
+                inline: bool) -> InlineResult | bool:
+        """Handle an exit the loop's fast path did not; what ends the loop, or False."""
+        bus, state = self.bus, self.run_state
+        if isinstance(exit_, (IoOut, IoIn)):  # string I/O (rep outs / ins), or a fed exit
+            handler = bus.pio_write if isinstance(exit_, IoOut) else bus.pio_read
+            _dispatch(handler, exit_.port, exit_.size, exit_.count, exit_.data)
+        elif isinstance(exit_, MmioWrite):
+            bus.mmio_write(exit_.address, exit_.data)
+        elif isinstance(exit_, MmioRead):
+            bus.mmio_read(exit_.address, exit_.data)
+        elif isinstance(exit_, Intr):
+            self.vcpu_fd.set_immediate_exit(False)
+            current = state.state
+            if inline:
+                # No parking on the caller's own thread: a requested stop, or a VM that is
+                # stopping, ends the run; anything else was a stale kick.
+                if self._stop_requested is not None:
+                    return InlineResult(self._stop_requested, None)
+                return InlineResult(StopReason.VM_STOPPING, None) \
+                    if current is VmRunState.EXITING else False
+            if current is VmRunState.SUSPENDING:
+                current = state.park()
+            return current is VmRunState.EXITING
+        # Every other exit is offered to the exit handler first: a harness may handle
+        # breakpoints, MSR accesses or hypercalls and keep the guest running.
+        elif handle_exit is not None and handle_exit(self, exit_):
+            pass
+        elif isinstance(exit_, (Hlt, Shutdown, SystemEvent)):
+            self.exit_reason = exit_
+            log.debug("vCPU %d stopped: %r", self.id, exit_)
+            if inline:  # the guest stopped this run: the VM lives on, to be reset
+                return InlineResult(StopReason.GUEST_STOPPED, exit_)
+            state.set_and_notify(VmRunState.EXITING)
+            return True
+        else:
+            # Errors and exits nobody handled: never retried, never spun on.
+            raise self._exit_error(exit_)
+        return False
 
     def _exit_error(self, exit_: VcpuExit) -> VcpuError:
         try:
@@ -517,6 +702,41 @@ def _failed_instruction(exit_: InternalError) -> bytes | None:
         return None
     raw = b"".join((word & (1 << 64) - 1).to_bytes(8, "little") for word in exit_.data[1:3])
     return raw[1:1 + min(raw[0], 15)]
+
+
+_SYNC_ALL = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+
+
+@attrs.define(frozen=True, slots=True, eq=False)
+class VcpuResetPlan:
+    """A vCPU state with its kernel structures built once: what :meth:`KvmVcpu.reset` applies.
+
+    Made by :meth:`KvmVcpu.plan_reset`; the structures are never modified, so one plan serves
+    any number of resets.
+    """
+
+    state: VcpuState
+    mp_state: kvm_mp_state
+    sregs: kvm_sregs
+    xsave: kvm_xsave | bytearray
+    xcrs: kvm_xcrs
+    debugregs: kvm_debugregs
+    lapic: kvm_lapic_state
+    msrs: kvm_msrs
+    apic_base: int
+
+
+#: What a single port access calls: ``(device method, base, offset, data)``.
+_PioTarget = tuple[Callable[[int, int, memoryview], object], int, int, memoryview]
+#: Port exits whose dispatch the loop keeps per vCPU: a bound on what a guest can make it keep.
+_PIO_TARGETS_CACHED = 1024
+
+
+def _io_words(vcpu_fd: VcpuFd) -> tuple[int, int, int, int, int]:
+    """The port exit now in ``kvm_run``: direction, size, port, count, data offset."""
+    u32, u64 = vcpu_fd.run_words
+    header = u32[8]
+    return header & 0xFF, header >> 8 & 0xFF, header >> 16, u32[9], u64[5]
 
 
 def _dispatch(handler: Callable[[int, memoryview], bool], port: int, size: int, count: int,

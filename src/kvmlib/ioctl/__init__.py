@@ -49,6 +49,9 @@ from kvmlib.ioctl.exits import (
     X86Wrmsr,
     decode_exit,
 )
+from kvmlib.ioctl.fd import (
+    run_ioctl,
+)
 from kvmlib.ioctl.numbers import (
     KVM_API_VERSION,
     KVM_CHECK_EXTENSION,
@@ -124,6 +127,9 @@ from kvmlib.ioctl.numbers import (
     KVM_SET_VCPU_EVENTS,
     KVM_SET_XCRS,
     KVM_SET_XSAVE,
+    KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
     KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SEV_TERM,
@@ -217,6 +223,7 @@ from kvmlib.ioctl.system import (
 )
 from kvmlib.ioctl.vcpu import (
     VcpuFd,
+    io_exit_key,
 )
 from kvmlib.ioctl.vm import (
     VmFd,
@@ -331,6 +338,9 @@ __all__ = [
     "KVM_SET_VCPU_EVENTS",
     "KVM_SET_XCRS",
     "KVM_SET_XSAVE",
+    "KVM_SYNC_X86_EVENTS",
+    "KVM_SYNC_X86_REGS",
+    "KVM_SYNC_X86_SREGS",
     "KVM_SYSTEM_EVENT_CRASH",
     "KVM_SYSTEM_EVENT_RESET",
     "KVM_SYSTEM_EVENT_SEV_TERM",
@@ -369,6 +379,7 @@ __all__ = [
     "X86Wrmsr",
     "decode_exit",
     "field_offset",
+    "io_exit_key",
     "kvm_clock_data",
     "kvm_cpuid2",
     "kvm_cpuid_entry2",
@@ -408,4 +419,5 @@ __all__ = [
     "make_kvm_guest_debug",
     "make_kvm_msr_list",
     "make_kvm_msrs",
+    "run_ioctl",
 ]

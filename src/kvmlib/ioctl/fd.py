@@ -30,16 +30,19 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc_ioctl.restype = ctypes.c_int
-_ioctl = fcntl.ioctl
-# KVM_RUN's own entry point, without argtypes: the fastest call Python can make to ioctl(2). Its
-# three arguments all fit a C int, the default conversion. fcntl.ioctl costs about a microsecond
-# more per call, because it first tries (and fails) to read its argument as a buffer.
-_run_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
-_get_errno = ctypes.get_errno
+#: KVM_RUN's call: ``fcntl.ioctl(fd, request)`` with the argument left out is the cheapest call
+#: Python can make to ioctl(2) (it skips trying the argument as a buffer, and ctypes' argument
+#: conversion), and it releases the GIL for as long as the guest runs. EINTR comes back as an
+#: OSError: fcntl.ioctl does not retry it, so a kick reaches the caller.
+run_ioctl = fcntl.ioctl
 
 
 _T = TypeVar("_T", bound=KernelStruct)
 _IOC_SIZEMASK = (1 << _IOC_SIZEBITS) - 1
+
+
+# (ctypes type, request) pairs already found big enough: a type's size never changes.
+_BIG_ENOUGH: set[tuple[type, int]] = set()
 
 
 def _buffer_size(buf: _Buf) -> int:
@@ -126,10 +129,14 @@ class _FdOwner(Closeable):
     def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> int:
         # The size encoded in the request is what the kernel copies for a fixed-size argument, and
         # the header it reads first for a variable one: a smaller buffer would be overrun.
-        need = (request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK
-        have = _buffer_size(buf)
-        if have < need:
-            raise KernelBufferError(f"{name} needs a buffer of at least {need} bytes, not {have}")
+        kind = type(buf)
+        if (kind, request) not in _BIG_ENOUGH:
+            need = (request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK
+            have = _buffer_size(buf)
+            if have < need:
+                raise KernelBufferError(f"{name} needs a buffer of at least {need} bytes, not {have}")
+            if kind is not bytearray:  # a ctypes type's size is fixed: check it once
+                _BIG_ENOUGH.add((kind, request))
         with self._lock:
             fd = self._check_open(name)
             try:

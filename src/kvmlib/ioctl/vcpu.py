@@ -7,6 +7,8 @@ import mmap
 from collections.abc import Iterable
 from ctypes import sizeof
 
+from typing_extensions import Buffer
+
 from kvmlib.errors import KernelBufferError, KvmIoctlError
 from kvmlib.ioctl.exits import (
     _EXIT_OFF,
@@ -30,8 +32,7 @@ from kvmlib.ioctl.fd import (
     _buffer_size,
     _enable_cap,
     _FdOwner,
-    _get_errno,
-    _run_ioctl,
+    run_ioctl,
 )
 from kvmlib.ioctl.numbers import (
     KVM_ENABLE_CAP,
@@ -63,8 +64,12 @@ from kvmlib.ioctl.numbers import (
     KVM_SET_VCPU_EVENTS,
     KVM_SET_XCRS,
     KVM_SET_XSAVE,
+    KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
 )
 from kvmlib.ioctl.structs import (
+    field_offset,
     kvm_cpuid2,
     kvm_cpuid_entry2,
     kvm_debugregs,
@@ -72,15 +77,38 @@ from kvmlib.ioctl.structs import (
     kvm_guest_debug,
     kvm_lapic_state,
     kvm_mp_state,
+    kvm_msrs,
     kvm_regs,
     kvm_run,
     kvm_sregs,
+    kvm_sync_regs,
     kvm_vcpu_events,
     kvm_xcrs,
     kvm_xsave,
     make_kvm_cpuid2,
     make_kvm_msrs,
 )
+
+_SYNC_OFF = field_offset(kvm_run, "s")
+_SYNC_REGS_OFF = _SYNC_OFF + field_offset(kvm_sync_regs, "regs")
+_SYNC_SREGS_OFF = _SYNC_OFF + field_offset(kvm_sync_regs, "sregs")
+_SYNC_EVENTS_OFF = _SYNC_OFF + field_offset(kvm_sync_regs, "events")
+_REGS_SIZE, _SREGS_SIZE, _EVENTS_SIZE = sizeof(kvm_regs), sizeof(kvm_sregs), sizeof(kvm_vcpu_events)
+_DIRTY_REGS_WORD = field_offset(kvm_run, "kvm_dirty_regs") // 8
+
+#: Port exit objects kept for reuse per vCPU: far more than the distinct ports, sizes and string
+#: counts a guest uses, and a bound on what a guest can make the host keep.
+_IO_EXITS_CACHED = 1024
+
+
+def io_exit_key(direction: int, size: int, port: int, count: int, offset: int) -> int:
+    """A port exit's identity as one int: its words of ``kvm_run``, as :meth:`VcpuFd.run` reads them.
+
+    ``u32[8] | u32[9] << 32 | u64[5] << 64`` of :attr:`VcpuFd.run_words` when ``u32[2]``
+    (``exit_reason``) is ``KVM_EXIT_IO``: the io header (direction, size, port), the count and the
+    data offset.
+    """
+    return (direction | size << 8 | port << 16) | count << 32 | offset << 64
 
 
 class VcpuFd(_FdOwner):
@@ -109,6 +137,14 @@ class VcpuFd(_FdOwner):
         self._run_view = memoryview(self._run_map)
         self._exit_view = self._run_view[_EXIT_OFF:_EXIT_OFF + EXIT_SIZE]
         self._views: dict[int, memoryview] = {}
+        # kvm_run as 32- and 64-bit words: a port exit's header, count and data offset are three
+        # indexings, cheaper than any unpacking right after KVM_RUN, when every Python operation
+        # runs on cold caches.
+        self._u32 = self._run_view.cast("I")
+        self._u64 = self._run_view.cast("Q")
+        # A port exit is immutable and its data a view that stays put: one object per distinct
+        # (header, count, data offset) is reused, and a port exit allocates nothing.
+        self._io_exits: dict[int, IoIn | IoOut] = {}
         self._run_size = mmap_size
         self._run = kvm_run.from_buffer(self._run_map)
 
@@ -136,7 +172,9 @@ class VcpuFd(_FdOwner):
             if run_map is not None:
                 del self._run
                 views, self._views = self._views, {}
-                for view in (*views.values(), self._exit_view, self._run_view):
+                self._io_exits = {}
+                for view in (*views.values(), self._exit_view, self._u32, self._u64,
+                             self._run_view):
                     try:
                         view.release()
                     except BufferError:
@@ -160,6 +198,23 @@ class VcpuFd(_FdOwner):
         except ValueError:
             pass  # close() released the view: no KVM_RUN is left to stop
 
+    @property
+    def run_view(self) -> memoryview:
+        """The whole ``kvm_run`` mapping as a writable view (valid until :meth:`close`).
+
+        For loops that decode exits themselves (as :class:`kvmlib.KvmVcpu`'s does); most callers
+        want :meth:`run`.
+        """
+        return self._run_view
+
+    @property
+    def run_words(self) -> tuple[memoryview, memoryview]:
+        """``kvm_run`` as arrays of 32-bit and of 64-bit words (valid until :meth:`close`).
+
+        With :func:`io_exit_key`, what a loop decoding port exits itself reads after each KVM_RUN.
+        """
+        return self._u32, self._u64
+
     def run(self) -> VcpuExit:
         """KVM_RUN, decoded. EINTR is not an error but :class:`Intr`.
 
@@ -172,32 +227,43 @@ class VcpuFd(_FdOwner):
         come only once that thread has left its loop. Run on a closed vCPU, or closed while it
         ran, it raises :class:`~kvmlib.errors.ClosedError`.
         """
-        if _run_ioctl(self._fd, KVM_RUN, 0) < 0:
-            err = _get_errno()
-            if err == _errno.EINTR:
-                return _INTR
-            if self._fd < 0:
-                raise self._closed_error("KVM_RUN")
-            raise KvmIoctlError("KVM_RUN", err)
+        # The hot path: one ioctl, one unpack of the exit's header, one cached view, one tuple.
+        try:
+            run_ioctl(self._fd, KVM_RUN)
+        except OSError as e:
+            return self.run_failed(e)
+        except ValueError:  # fcntl refuses the -1 a closed object holds
+            raise self._closed_error("KVM_RUN") from None
+        try:
+            u32 = self._u32
+            # exit_reason (offset 8) is KVM_EXIT_IO (2): the io header (32), count (36) and
+            # data_offset (40), as words 8 and 9 of 32 bits and 5 of 64; see io_exit_key.
+            if u32[2] == 2:
+                exit_ = self._io_exits.get(u32[8] | u32[9] << 32 | self._u64[5] << 64)
+                if exit_ is not None:
+                    return exit_
+        except (ValueError, IndexError):
+            pass  # released by a concurrent close(): current_exit() says so
+        return self.current_exit()
+
+    def current_exit(self) -> VcpuExit:
+        """Decode the exit the last KVM_RUN left in ``kvm_run`` (what :meth:`run` returns)."""
         try:
             reason, direction, size, port, count, offset = _HEAD_UNPACK(self._run_view,
                                                                         _EXIT_REASON_OFF)
             if reason == KVM_EXIT_IO:
-                length = size * count
-                data = self._views.get((offset << 32) | length)
-                if data is None:
-                    data = self._view(offset, length)
-                    if data is None:  # the kernel's offset leaves the page: never trust it
-                        return Undecoded(reason, bytes(self._exit_view))
-                if direction == KVM_EXIT_IO_OUT:
-                    return _tuple_new(IoOut, (port, size, count, data))
-                return _tuple_new(IoIn, (port, size, count, data))
+                data = self.io_data(offset, size * count)
+                if data is None:  # the kernel's offset leaves the page: never trust it
+                    return Undecoded(reason, bytes(self._exit_view))
+                kind = IoOut if direction == KVM_EXIT_IO_OUT else IoIn
+                exit_: IoIn | IoOut = kind(port, size, count, data)
+                if len(self._io_exits) < _IO_EXITS_CACHED:
+                    self._io_exits[io_exit_key(direction, size, port, count, offset)] = exit_
+                return exit_
             if reason == KVM_EXIT_MMIO:
                 addr, _data, length, is_write = _MMIO_UNPACK(self._run_view, _EXIT_OFF)
-                data = self._views.get((_MMIO_DATA_OFF << 32) | length)
-                if data is None:
-                    data = self._view(_MMIO_DATA_OFF, min(length, 8))
-                    assert data is not None
+                data = self.io_data(_MMIO_DATA_OFF, min(length, 8))
+                assert data is not None
                 if is_write:
                     return _tuple_new(MmioWrite, (addr, data))
                 return _tuple_new(MmioRead, (addr, data))
@@ -207,6 +273,24 @@ class VcpuFd(_FdOwner):
             if self._fd < 0:
                 raise self._closed_error("KVM_RUN") from None
             raise
+
+    def run_failed(self, error: OSError) -> VcpuExit:
+        """What a failed KVM_RUN means: :class:`Intr` for EINTR (a kick), else the error raised."""
+        if error.errno == _errno.EINTR:
+            return _INTR
+        if self._fd < 0:
+            raise self._closed_error("KVM_RUN") from error
+        raise KvmIoctlError("KVM_RUN", error.errno or 0) from error
+
+    def io_data(self, offset: int, length: int) -> memoryview | None:
+        """The view of ``kvm_run[offset:offset + length]`` an I/O exit's data is in, or None.
+
+        Views are made once per (offset, length) the kernel uses (a handful) and reused. None when
+        the span leaves the mapping: the offset comes from the kernel, but a view past the mapping
+        would silently be shorter than the access.
+        """
+        view = self._views.get(offset << 32 | length)
+        return view if view is not None else self._view(offset, length)
 
     def _view(self, offset: int, length: int) -> memoryview | None:
         """A cached view of ``kvm_run[offset:offset+length]``; None if it leaves the mapping.
@@ -221,20 +305,66 @@ class VcpuFd(_FdOwner):
         self._views[(offset << 32) | length] = view
         return view
 
+    def set_sync_regs(self, regs: Buffer | None = None, sregs: Buffer | None = None,
+                      events: Buffer | None = None) -> None:
+        """Stage registers in ``kvm_run`` (KVM_CAP_SYNC_REGS): KVM loads them at the next KVM_RUN.
+
+        Each of ``regs``, ``sregs`` and ``events`` is the bytes of its structure, or None to leave
+        it. This saves the ioctls of setting them now; until KVM_RUN takes them, this object's
+        register methods (``get_regs``, ``set_sregs``, ...) first load the staged values with the
+        ioctls, so nothing ever reads or overwrites stale registers. Check ``KVM_CAP_SYNC_REGS``
+        first: without it KVM refuses the next run.
+        """
+        view, dirty = self._run_view, 0
+        for data, offset, size, bit in ((regs, _SYNC_REGS_OFF, _REGS_SIZE, KVM_SYNC_X86_REGS),
+                                        (sregs, _SYNC_SREGS_OFF, _SREGS_SIZE, KVM_SYNC_X86_SREGS),
+                                        (events, _SYNC_EVENTS_OFF, _EVENTS_SIZE,
+                                         KVM_SYNC_X86_EVENTS)):
+            if data is not None:
+                raw = memoryview(data).cast("B")
+                if len(raw) != size:
+                    raise KernelBufferError(f"a staged structure is {size} bytes, not {len(raw)}")
+                view[offset:offset + size] = raw
+                dirty |= bit
+        self._u64[_DIRTY_REGS_WORD] |= dirty
+
+    def _load_staged(self) -> None:
+        # The registers set_sync_regs staged go in now, with their ioctls, in KVM's own order.
+        if self._run_map is None:
+            return  # closed: the ioctl that follows says so
+        dirty = self._u64[_DIRTY_REGS_WORD]
+        if not dirty:
+            return
+        self._u64[_DIRTY_REGS_WORD] = 0
+        view = self._run_view
+        if dirty & KVM_SYNC_X86_REGS:
+            self._ioctl_buf("KVM_SET_REGS", KVM_SET_REGS, kvm_regs.from_buffer_copy(
+                view, _SYNC_REGS_OFF))
+        if dirty & KVM_SYNC_X86_SREGS:
+            self._ioctl_buf("KVM_SET_SREGS", KVM_SET_SREGS, kvm_sregs.from_buffer_copy(
+                view, _SYNC_SREGS_OFF))
+        if dirty & KVM_SYNC_X86_EVENTS:
+            self._ioctl_buf("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS,
+                            kvm_vcpu_events.from_buffer_copy(view, _SYNC_EVENTS_OFF))
+
     def get_regs(self) -> kvm_regs:
         """KVM_GET_REGS."""
+        self._load_staged()
         return self._get("KVM_GET_REGS", KVM_GET_REGS, kvm_regs)
 
     def set_regs(self, regs: kvm_regs) -> None:
         """KVM_SET_REGS."""
+        self._load_staged()
         self._ioctl_buf("KVM_SET_REGS", KVM_SET_REGS, regs)
 
     def get_sregs(self) -> kvm_sregs:
         """KVM_GET_SREGS."""
+        self._load_staged()
         return self._get("KVM_GET_SREGS", KVM_GET_SREGS, kvm_sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
         """KVM_SET_SREGS."""
+        self._load_staged()
         self._ioctl_buf("KVM_SET_SREGS", KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> kvm_fpu:
@@ -257,15 +387,22 @@ class VcpuFd(_FdOwner):
                                 if bad is not None else f"read {got} of {len(idx)} MSRs")
         return {obj.entries[i].index: obj.entries[i].data for i in range(len(idx))}
 
-    def set_msrs(self, msrs: dict[int, int] | Iterable[tuple[int, int]]) -> None:
-        """KVM_SET_MSRS; raises if the kernel accepts fewer than given."""
-        pairs = list(msrs.items() if isinstance(msrs, dict) else msrs)
-        obj = make_kvm_msrs(pairs)
+    def set_msrs(self, msrs: dict[int, int] | Iterable[tuple[int, int]] | kvm_msrs) -> None:
+        """KVM_SET_MSRS; raises if the kernel accepts fewer than given.
+
+        ``msrs`` is ``{index: value}``, ``(index, value)`` pairs, or a ``kvm_msrs`` already built
+        (:func:`make_kvm_msrs`; what a caller setting the same MSRs again and again keeps).
+        """
+        if isinstance(msrs, kvm_msrs):
+            obj = msrs
+        else:
+            obj = make_kvm_msrs(msrs.items() if isinstance(msrs, dict) else msrs)
+        count = obj.nmsrs
         got = self._ioctl_buf("KVM_SET_MSRS", KVM_SET_MSRS, obj)
-        if got != len(pairs):
-            bad = f"{pairs[got][0]:#x}" if 0 <= got < len(pairs) else "?"
+        if got != count:
+            bad = f"{obj.entries[got].index:#x}" if 0 <= got < count else "?"
             raise KvmIoctlError("KVM_SET_MSRS", _errno.EINVAL,
-                                f"wrote {got} of {len(pairs)} MSRs; first refused: {bad}")
+                                f"wrote {got} of {count} MSRs; first refused: {bad}")
 
     def set_cpuid2(self, cpuid: kvm_cpuid2) -> None:
         """KVM_SET_CPUID2 with a ``kvm_cpuid2`` from :func:`make_kvm_cpuid2`.
@@ -363,10 +500,12 @@ class VcpuFd(_FdOwner):
 
     def get_vcpu_events(self) -> kvm_vcpu_events:
         """KVM_GET_VCPU_EVENTS."""
+        self._load_staged()
         return self._get("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS, kvm_vcpu_events)
 
     def set_vcpu_events(self, events: kvm_vcpu_events) -> None:
         """KVM_SET_VCPU_EVENTS."""
+        self._load_staged()
         self._ioctl_buf("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS, events)
 
     def get_mp_state(self) -> kvm_mp_state:
