@@ -224,7 +224,7 @@ def pytest_runtest_makereport(item: pytest.Item,
         return
     for number, vmm in enumerate(vmms):
         try:
-            output = vmm.console.output  # type: ignore[attr-defined]
+            output = vmm.console.output
             text = bytes(output).decode("utf-8", "replace")
         except Exception as e:
             text = f"(no console output: {e})"
