@@ -40,6 +40,7 @@ from kvmlib.snapshot import restore_snapshot, save_snapshot
 
 from . import guests
 from .guests import CODE, DONE_PORT, WORK_PORT
+from .migration import case_migration
 from .runner import Result, progress, run_c
 
 MB = 1_000_000
@@ -429,6 +430,7 @@ CASES: dict[str, CaseFn] = {
     "snapshot": case_snapshot,
     "reset": case_reset,
     "footprint": case_footprint,
+    "migration": case_migration,
 }
 
 
