@@ -52,7 +52,7 @@ def test_every_vcpu_prints_its_id_in_decimal(kvm: Kvm, num_vcpus: int) -> None:
 
 
 def test_python_dash_m_kvmlib_on_twelve_vcpus(kvm: Kvm) -> None:
-    done = subprocess.run([sys.executable, "-m", "kvmlib", "--vcpus", "12"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "kvmlib", "hello", "--vcpus", "12"], capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

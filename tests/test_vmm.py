@@ -142,11 +142,12 @@ def test_the_command_line_boots_a_kernel(kvm: Kvm, tmp_path: Path) -> None:
 
 def test_the_command_line_reports_errors_a_person_can_act_on(tmp_path: Path) -> None:
     missing = cli("--kernel", str(tmp_path / "nope"))
-    assert missing.returncode == 1 and b"is not a file" in missing.stderr
+    assert missing.returncode == 2 and b"argument --kernel: " in missing.stderr
+    assert b"No such file or directory" in missing.stderr
     junk = tmp_path / "junk"
     junk.write_bytes(b"\x7fELF not really")
     bad = cli("--kernel", str(junk))
-    assert bad.returncode == 1 and b"error:" in bad.stderr
+    assert bad.returncode == 1 and b"kvmlib: error: " in bad.stderr
     flag = cli("--kernel", str(junk), "--hide-cpuid", "warp_drive")
     assert flag.returncode == 2 and b"unknown CPU feature 'warp_drive'" in flag.stderr
 
@@ -485,3 +486,70 @@ def test_serial_output_can_answer_and_stop_the_guest_from_its_vcpu_thread(kvm: K
         assert result is not None and result.reason is VmmExitReason.STOPPED
         assert vmm.console.output == b"?y!"
     assert seen[0] is None and isinstance(seen[1], VmmStateError)
+
+
+# ---- what the command line reads from a Vmm ------------------------------------------------------
+
+def test_exit_count_counts_the_guests_exits(kvm: Kvm, tmp_path: Path) -> None:
+    cfg = VmmConfig(kernel=kernel_file(tmp_path, put(b"x") + ECHO_LOOP), memory_mib=64)
+    vmm = Vmm(cfg)
+    assert vmm.exit_count() is None  # no VM yet
+    with vmm:
+        vmm.start()
+        vmm.console.expect("x", timeout=20)
+        first = vmm.exit_count()
+        if first is None:
+            pytest.skip("this host's KVM has no binary statistics (Linux 5.14+)")
+        vmm.console.send("abc")  # each byte: port exits, and so KVM exits
+        vmm.console.expect("abc", timeout=20)
+        later = vmm.exit_count()
+        assert later is not None and later > first > 0
+    assert vmm.exit_count() is None  # closed
+
+
+def test_forced_cpuid_lists_the_hidden_flags_the_guest_still_sees(
+        kvm: Kvm, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from kvmlib.arch.x86_64.cpuid import entries_from_kvm_cpuid2
+    from kvmlib.arch.x86_64.cpuid_features import feature_bit
+
+    cfg = VmmConfig(kernel=kernel_file(tmp_path, SPIN), memory_mib=64, num_vcpus=2,
+                    hide_cpuid=("xsave", "cx16", "avx"))
+    with caplog.at_level("WARNING", logger="kvmlib.vmm"), Vmm(cfg) as vmm:
+        assert vmm.forced_cpuid == ()
+        vmm.start()
+        vmm.vm.pause()  # a vCPU inside KVM_RUN holds the lock KVM_GET_CPUID2 needs
+        visible = set()
+        for vcpu in vmm.vm.vcpus:
+            for entry in entries_from_kvm_cpuid2(vcpu.vcpu_fd.get_cpuid2()):
+                for name in cfg.hide_cpuid:
+                    where = feature_bit(name)
+                    if (entry.function, entry.index) == (where.leaf, where.subleaf) and \
+                            getattr(entry, where.register) >> where.bit & 1:
+                        visible.add(name)
+        assert set(vmm.forced_cpuid) == visible
+        assert "cx16" not in visible  # honoured everywhere kvmlib has run
+    warned = {r.args[0] for r in caplog.records if "forces it on" in r.getMessage()}  # type: ignore[index]
+    assert warned == visible
+
+
+def test_a_stop_from_a_signal_handler_ends_run(kvm: Kvm, tmp_path: Path) -> None:
+    import signal
+
+    cfg = VmmConfig(kernel=kernel_file(tmp_path, put(b"x") + SPIN), memory_mib=64)
+    vmm = Vmm(cfg)
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: vmm._stop_from_signal())
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        result = vmm.run(timeout=60)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert result.reason is VmmExitReason.STOPPED
+    vmm._stop_from_signal()  # after close: nothing to wake, nothing written to a closed fd
+
+
+def test_a_signal_before_the_loop_stops_the_guest_at_once(kvm: Kvm, tmp_path: Path) -> None:
+    vmm = Vmm(VmmConfig(kernel=kernel_file(tmp_path, SPIN), memory_mib=64))
+    vmm._stop_from_signal()  # as if it came while the kernel was being loaded
+    assert vmm.run(timeout=60).reason is VmmExitReason.STOPPED

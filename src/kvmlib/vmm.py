@@ -8,6 +8,9 @@ loads the kernel, starts the vCPUs and returns with the guest running; an event 
 A program then drives the guest through :attr:`Vmm.console` (:meth:`Console.expect`,
 :meth:`Console.send`) and :attr:`Vmm.vm`, and :meth:`Vmm.close` releases everything.
 
+A CPUID flag named in ``hide_cpuid`` that the guest still sees once KVM has taken the CPUID (the
+host's KVM forces some on) is logged as a warning and listed in :attr:`Vmm.forced_cpuid`.
+
 :meth:`Vmm.run` is the same parts with the event loop on the caller's thread, for a person at a
 terminal: a terminal given as serial input is put in raw mode for the guest and restored as it was
 found, whatever happens.
@@ -34,8 +37,9 @@ from typing import Any, BinaryIO, Union
 import attrs
 from typing_extensions import Self, override
 
-from kvmlib.arch.x86_64.cpuid import CpuidEntry
-from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate, HideFeatures
+from kvmlib._kvm_stats import VcpuCounters
+from kvmlib.arch.x86_64.cpuid import CpuidEntry, entries_from_kvm_cpuid2
+from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate, HideFeatures, feature_bit
 from kvmlib.bus import IoManager, PioRange
 from kvmlib.devices import (
     COM1_IRQ,
@@ -71,6 +75,8 @@ SerialInput = Union[BinaryIO, int, None]
 
 #: Ctrl-A then ``x`` on a terminal stops the VM (the guest gets every other key, Ctrl-C included).
 ESCAPE_CHAR = 0x01
+#: The guest RAM :class:`VmmConfig` accepts, in MiB.
+MIN_MEMORY_MIB, MAX_MEMORY_MIB = 16, 1 << 20
 _MIB = 1 << 20
 
 
@@ -122,7 +128,7 @@ class VmmConfig:
     initrd: Path | None = attrs.field(default=None, converter=_optional_path,
                                       validator=attrs.validators.optional(_existing_file))
     cmdline: str = "console=ttyS0 reboot=k panic=1"
-    memory_mib: int = attrs.field(default=256, validator=_in_range(16, 1 << 20))
+    memory_mib: int = attrs.field(default=256, validator=_in_range(MIN_MEMORY_MIB, MAX_MEMORY_MIB))
     num_vcpus: int = attrs.field(default=1, validator=_in_range(1, MAX_VCPUS))
     serial_input: SerialInput = None
     serial_output: SerialOutput = None
@@ -473,6 +479,19 @@ class _Wakeup(ExitHandler):
             if not self._closed:
                 os.eventfd_write(self.fd, 1)
 
+    def poke_from_signal(self) -> None:
+        """:meth:`poke` without the lock, for a signal handler on the thread that closes it.
+
+        The handler may have interrupted that very thread inside :meth:`poke` or :meth:`close`,
+        with the lock held: taking it would deadlock. Running on the closing thread, it sees
+        either the fd still open or ``_closed`` already set, never a reused fd number.
+        """
+        if not self._closed:
+            try:
+                os.eventfd_write(self.fd, 1)
+            except OSError:
+                pass  # the counter is full: the loop has a wakeup to read anyway
+
     def drain(self) -> None:
         try:
             os.eventfd_read(self.fd)
@@ -527,6 +546,10 @@ class Vmm:
         self._result: VmmResult | None = None
         self._done = threading.Event()
         self._console = Console()
+        self._forced_cpuid: tuple[str, ...] = ()
+        self._counters: VcpuCounters | None = None
+        # Set by _stop_from_signal; read by the event loop on each turn.
+        self._signal_stop = False
         #: The serial console device, once :meth:`start` or :meth:`run` has built it.
         self.serial: Serial | None = None
 
@@ -570,6 +593,25 @@ class Vmm:
     def result(self) -> VmmResult | None:
         """How the guest ended, once it has (None while it runs or before :meth:`start`)."""
         return self._result if self._done.is_set() else None
+
+    @property
+    def forced_cpuid(self) -> tuple[str, ...]:
+        """The ``hide_cpuid`` flags the guest still sees: this host's KVM forces them on.
+
+        Read back from every vCPU once KVM has taken the CPUID (``KVM_GET_CPUID2``); each is also
+        logged as a warning. Empty before :meth:`start` or :meth:`run` has built the VM.
+        """
+        return self._forced_cpuid
+
+    def exit_count(self) -> int | None:
+        """How many times the guest's vCPUs have exited to KVM so far, summed over the vCPUs.
+
+        KVM's binary statistics (``KVM_GET_STATS_FD``, Linux 5.14+), read without disturbing the
+        guest: two readings a second apart give the exit rate. None before the VM is built,
+        after :meth:`close`, or where KVM does not offer the counter.
+        """
+        counters = self._counters
+        return None if counters is None else counters.read()
 
     def start(self) -> None:
         """Build memory, load the kernel, build the VM and its devices, start the vCPUs; return.
@@ -735,9 +777,18 @@ class Vmm:
             vm = stack.enter_context(KvmVm.new(kvm, vm_config, memory, wakeup, bus))
             vm.fd.register_irqfd(trigger.fd, COM1_IRQ)
             vm.load_boot_state(boot_state(boot))
+            forced = _forced_cpuid(vm, cfg.hide_cpuid)
+            counters = VcpuCounters(vcpu.vcpu_fd.fd for vcpu in vm.vcpus)
+            stack.callback(counters.close)
         except BaseException:
             stack.close()
             raise
+        for name in forced:
+            where = feature_bit(name)
+            log.warning("CPUID flag %r is still visible to the guest after KVM_SET_CPUID2 (leaf "
+                        "%#x, %s bit %d): this host's KVM forces it on, so hiding it has no "
+                        "effect", name, where.leaf, where.register.upper(), where.bit)
+        self._forced_cpuid, self._counters = forced, counters
         self._resources = stack
         self._vm, self._kernel, self._boot, self._wakeup, self.serial = vm, kernel, boot, wakeup, serial
         self._console._attach(serial, wakeup.poke)
@@ -748,6 +799,17 @@ class Vmm:
         assert self._vm is not None
         self._started = time.monotonic()
         self._vm.run()
+
+    def _stop_from_signal(self) -> None:
+        """Ask :meth:`run`'s event loop to stop the VM, from a signal handler on its thread.
+
+        Takes no lock and never waits: the handler may have interrupted that thread while it
+        held one. (:meth:`stop` is the call for anywhere else.)
+        """
+        self._signal_stop = True
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.poke_from_signal()
 
     def _finish(self, reason: VmmExitReason) -> None:
         """Record why the VM stops (the first reason wins) and wake the event loop."""
@@ -789,6 +851,9 @@ class Vmm:
                 except PermissionError:
                     unpollable = True
             while self._reason is None:
+                if self._signal_stop:
+                    self._finish(VmmExitReason.STOPPED)
+                    break
                 if unpollable:
                     unpollable = terminal.read()
                 # The UART says nothing when the guest drains its FIFO: input it could not take
@@ -847,6 +912,26 @@ class Vmm:
         return VmmExitReason.STOPPED
 
 
+def _forced_cpuid(vm: KvmVm, hidden: tuple[str, ...]) -> tuple[str, ...]:
+    """The flags of ``hidden`` that some vCPU's CPUID, as KVM now has it, still sets."""
+    names = tuple(dict.fromkeys(hidden))
+    seen: set[str] = set()
+    for vcpu in vm.vcpus if names else ():
+        try:
+            entries = entries_from_kvm_cpuid2(vcpu.vcpu_fd.get_cpuid2())
+        except KvmError as e:
+            # Only a diagnosis: a KVM that cannot read CPUID back still boots the guest.
+            log.debug("cannot read vCPU %d's CPUID back: %s", vcpu.id, e)
+            continue
+        for name in names:
+            where = feature_bit(name)
+            for entry in entries:
+                if (entry.function, entry.index) == (where.leaf, where.subleaf) and \
+                        getattr(entry, where.register) >> where.bit & 1:
+                    seen.add(name)
+    return tuple(name for name in names if name in seen)
+
+
 def _tee(console: Console, output: SerialOutput) -> Callable[[bytes], None]:
     """The UART's sink: ``serial_output``, then the console's memory."""
     if output is None:
@@ -896,7 +981,11 @@ class _Terminal:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._saved is not None and self.fd is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            except (termios.error, OSError) as e:
+                # A hung-up terminal (SIGHUP, a closed pty) has nothing left to restore.
+                log.debug("could not restore the terminal: %s", e)
 
     def read(self) -> bool:
         """Move available input towards the UART; False at end of input."""
@@ -932,7 +1021,7 @@ class _Terminal:
 
 
 __all__ = [
-    "ESCAPE_CHAR", "TAIL_LINES", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout",
-    "Pattern", "SerialInput", "SerialOutput", "Vmm", "VmmConfig", "VmmConfigError",
-    "VmmExitReason", "VmmResult", "VmmStateError",
+    "ESCAPE_CHAR", "MAX_MEMORY_MIB", "MIN_MEMORY_MIB", "TAIL_LINES", "Console", "ConsoleEOF",
+    "ConsoleError", "ConsoleTimeout", "Pattern", "SerialInput", "SerialOutput", "Vmm", "VmmConfig",
+    "VmmConfigError", "VmmExitReason", "VmmResult", "VmmStateError",
 ]
