@@ -54,8 +54,24 @@ def test_a_quick_real_run_of_the_exit_case_writes_the_json(kvm: Kvm, tmp_path: P
     assert done.returncode == 0, done.stderr
     assert "exit round trip" in done.stdout and "machine:" in done.stdout
     doc = json.loads(out.read_text())
-    assert [d["name"] for d in doc] == ["exit round trip, full vCPU loop + device",
-                                        "exit round trip, raw VcpuFd.run()"]
+    assert [d["name"] for d in doc] == [
+        "exit round trip, raw VcpuFd.run() vs C on the same vCPU",
+        "exit round trip, vCPU loop + device vs C on the same vCPU",
+        "exit round trip, C on kvmlib's vCPU vs standalone C"]
     for case in doc:
         assert case["unit"] == "us/exit"
         assert case["kvmlib"] > 0 and case["c"] > 0 and case["ratio"] > 0
+
+
+def test_the_fuzz_reset_and_restore_cases_run(kvm: Kvm, tmp_path: Path) -> None:
+    """The hot-path cases build their C side and guests and finish, with a row per measurement."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only",
+                           "fuzz,reset,restore", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    names = [d["name"] for d in json.loads(out.read_text())]
+    assert sum(n.startswith("fuzz loop") for n in names) == 3
+    assert "fast reset, 10 guest-dirtied pages of 256 MiB" in names
+    assert sum(n.startswith("fast reset phase") for n in names) == 5
+    assert sum(n.startswith("restore 256 MiB") for n in names) == 2

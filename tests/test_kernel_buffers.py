@@ -97,6 +97,21 @@ def test_dirty_log_is_sized_from_the_registered_slot(kvm: Kvm, big_region: Guest
                 vm.get_dirty_log(0, wrong)
 
 
+def test_a_slot_registered_again_with_another_size_gets_a_bitmap_of_the_new_size(
+        kvm: Kvm, big_region: GuestRegionMmap) -> None:
+    # The log's buffer is kept per slot between calls: registering the slot again must not leave
+    # the old size behind (the kernel would write past a smaller buffer).
+    with kvm.create_vm() as vm:
+        vm.set_user_memory_region(0, 0, GIB // 2, big_region.host_address, big_region.flags)
+        assert len(vm.get_dirty_log(0)) == GIB // 2 // PAGE // 8
+        vm.set_user_memory_region(0, 0, 0, big_region.host_address, big_region.flags)
+        vm.set_user_memory_region(0, 0, GIB, big_region.host_address, big_region.flags)
+        first = vm.get_dirty_log(0)
+        assert len(first) == GIB // PAGE // 8
+        first[0] = 0xFF  # each call returns its own copy, not the kept buffer
+        assert not any(vm.get_dirty_log(0))
+
+
 def test_dirty_log_of_an_unknown_or_deleted_slot_is_refused(kvm: Kvm,
                                                            big_region: GuestRegionMmap) -> None:
     with kvm.create_vm() as vm:
@@ -279,3 +294,25 @@ def test_msrs_are_sized_by_their_own_count(kvm: Kvm) -> None:
         vcpu.set_msrs([(MSR_IA32_SYSENTER_CS, 0x10)] * 100)
         assert vcpu.get_msrs([MSR_IA32_SYSENTER_CS] * 100) == {MSR_IA32_SYSENTER_CS: 0x10}
         assert vcpu.get_msrs([]) == {}
+
+
+def test_prepared_ioctls_are_checked_once_and_issued_in_order(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        with pytest.raises(KernelBufferError, match="KVM_SET_XSAVE needs a buffer of at least"):
+            vcpu.prepare_set("xsave", bytearray(16))
+        regs = k.kvm_regs(rip=0x1000)
+        calls = (vcpu.prepare_set("regs", regs),
+                 vcpu.prepare_set("msrs", k.make_kvm_msrs([(MSR_IA32_SYSENTER_CS, 0x10)])))
+        vcpu.issue(calls)
+        assert vcpu.get_regs().rip == 0x1000
+        assert vcpu.get_msrs([MSR_IA32_SYSENTER_CS]) == {MSR_IA32_SYSENTER_CS: 0x10}
+        regs.rip = 0x2000  # the kernel reads the structure at each issue
+        vcpu.issue(calls)
+        assert vcpu.get_regs().rip == 0x2000
+        # An MSR the kernel refuses stops the batch with the ioctl's name and the count.
+        refused = vcpu.prepare_set("msrs", k.make_kvm_msrs([(0xDEADBEEF, 1)]))
+        with pytest.raises(KvmIoctlError, match=r"KVM_SET_MSRS.*handled 0 of the 1 entries"):
+            vcpu.issue((refused, vcpu.prepare_set("regs", k.kvm_regs(rip=0x3000))))
+        assert vcpu.get_regs().rip == 0x2000  # nothing after the failure was issued
+    with pytest.raises(kvmlib.ClosedError, match="KVM_SET_REGS"):
+        vcpu.issue(calls)

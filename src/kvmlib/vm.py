@@ -290,8 +290,8 @@ class KvmVm(Closeable):
                                        self.exit_handler))
         self._life.attach(self._vcpus)
 
-    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytes:
-        return bytes(self.fd.get_dirty_log(slot))
+    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytearray:
+        return self.fd.get_dirty_log(slot)
 
     def dirty_pages(self) -> list[DirtyBitmap]:
         """The pages written since the previous call (or since the VM was created).
