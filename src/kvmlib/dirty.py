@@ -115,6 +115,23 @@ def _runs(bits: int) -> Iterator[tuple[int, int]]:
         yield start, (skipped + previous + 1) * _WORD_BITS - start
 
 
+# A log is converted to an int a chunk at a time, skipping clean chunks with a memcmp each: a
+# fuzz target's few pages then cost one small conversion instead of one of the whole log.
+_CHUNK = 1024
+_ZERO_CHUNK = bytes(_CHUNK)
+
+
+def _log_bits(log: bytes | bytearray) -> int:
+    if len(log) <= 2 * _CHUNK:
+        return int.from_bytes(log, "little")
+    bits = 0
+    for off in range(0, len(log), _CHUNK):
+        chunk = log[off:off + _CHUNK]
+        if chunk != _ZERO_CHUNK:
+            bits |= int.from_bytes(chunk, "little") << (off * 8)
+    return bits
+
+
 #: Reads and clears KVM's dirty log of one slot: ``fetch(slot, region) -> bitmap bytes``.
 DirtyLogFetch = Callable[[int, GuestRegionMmap], "bytes | bytearray"]
 
@@ -154,7 +171,7 @@ class DirtyTracker:
                 zero = zeros[len(log)] = bytes(len(log))
             bits = region.take_host_dirty()
             if log != zero:
-                bits |= int.from_bytes(log, "little")
+                bits |= _log_bits(log)
             if bits:
                 for acc in cursors:
                     acc[slot] |= bits
