@@ -4,7 +4,6 @@ clean error or the whole result, never let the kernel write (or read) past the b
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from kvmlib import (
 )
 from kvmlib import ioctl as k
 from kvmlib.ioctl import KVM_MEM_LOG_DIRTY_PAGES, Cap
+from kvmlib.ioctl import fd as fd_module
 
 GIB = 1 << 30
 PAGE = 4096
@@ -173,13 +173,13 @@ def test_a_slot_outside_u32_is_refused(kvm: Kvm, slot: int) -> None:
 def ioctl_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Every buffer ioctl kvmlib makes during the test, as (request, buffer size)."""
     calls: list[tuple[int, int]] = []
-    real = fcntl.ioctl
+    real = fd_module.ioctl
 
     def spy(fd: int, request: int, arg: Any = 0, mutate: bool = True) -> Any:
         calls.append((request, len(memoryview(arg).cast("B"))))
         return real(fd, request, arg, mutate)
 
-    monkeypatch.setattr(fcntl, "ioctl", spy)
+    monkeypatch.setattr(fd_module, "ioctl", spy)
     return calls
 
 

@@ -159,7 +159,7 @@ class Lifecycle:
                 raise
             finally:
                 self._threads = tuple(started)
-        log.debug("started %d vCPU threads", len(started))
+        log.info("VM running: %d vCPU thread(s) started", len(started))
 
     def _vcpu_thread(self, vcpu: Vcpu, address: GuestAddress | None) -> None:
         ident = threading.get_ident()
@@ -169,8 +169,12 @@ class Lifecycle:
             try:
                 vcpu.run(address)
             except BaseException as e:
-                log.debug("vCPU %d failed", vcpu.id, exc_info=True)
+                log.debug("vCPU %d thread ended: it failed", vcpu.id, exc_info=True)
                 self._errors.append((vcpu.id, e))
+            else:
+                stopped = getattr(vcpu, "exit_reason", None)
+                log.debug("vCPU %d thread ended: %s", vcpu.id, f"the guest stopped ({stopped!r})"
+                          if stopped is not None else "the VM is stopping")
             try:
                 self.exit_handler.kick()
             except BaseException as e:
@@ -220,9 +224,11 @@ class Lifecycle:
         with rs.condition:
             if rs.condition.wait_for(lambda: rs.lifecycle is not _PG, timeout):
                 if rs.pauses != pauses:
+                    log.info("VM paused: every vCPU parked")
                     return
                 raise VmError(f"the VM became {rs.lifecycle.value} before every vCPU had parked")
             rs.move(_R)
+            log.info("pause timed out after %s s; the VM runs on", timeout)
             raise VmError(f"pause() timed out after {timeout} s with {rs.running_vcpus} vCPU(s) "
                           "still running (is a device handler blocking?); the VM runs on")
 
@@ -237,6 +243,7 @@ class Lifecycle:
         with self._ops, rs.condition:
             if rs.require(CALLS["resume"], "resume") is _PD:
                 rs.move(_R)
+                log.info("VM resumed")
 
     # ---- stop -----------------------------------------------------------------------------------
 
@@ -263,6 +270,8 @@ class Lifecycle:
         for thread in threads:
             thread.join()
         self._stopped()
+        if threads:
+            log.info("VM shut down: %d vCPU thread(s) joined", len(threads))
         self._raise_errors()
 
     def _stopped(self) -> None:

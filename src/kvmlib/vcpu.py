@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 from typing_extensions import Unpack
 
+from kvmlib._platform import SIGRTMIN
 from kvmlib._sigaction import SIG_DFL, SIG_IGN, signal_disposition
 from kvmlib.arch.x86_64.cpuid import (
     CpuidEntry,
@@ -82,7 +83,7 @@ from kvmlib.state import VcpuState
 log = logging.getLogger(__name__)
 
 #: The signal that kicks a vCPU thread out of KVM_RUN (``SIGRTMIN + 0``, as in vmm-reference).
-VCPU_KICK_SIGNAL = signal.SIGRTMIN
+VCPU_KICK_SIGNAL = SIGRTMIN
 
 #: The MP table (and so an x86 VM) addresses at most this many vCPUs.
 MAX_VCPUS = 254

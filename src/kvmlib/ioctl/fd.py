@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
-import fcntl
 import os
 import threading
 import warnings
@@ -13,6 +12,7 @@ from ctypes import c_uint64, sizeof
 from typing import Any, NamedTuple, TypeVar
 from typing import Union as TUnion
 
+from kvmlib._platform import ioctl, libc
 from kvmlib.errors import ClosedError, KernelBufferError, KvmIoctlError
 from kvmlib.ioctl.numbers import (
     _IOC_SIZEBITS,
@@ -26,7 +26,7 @@ from kvmlib.resources import Closeable
 # --------------------------------------------------------------------------------------------------
 _Buf = TUnion[KernelStruct, KernelUnion, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]", bytearray]
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = libc()
 _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc_ioctl.restype = ctypes.c_int
@@ -34,7 +34,7 @@ _libc_ioctl.restype = ctypes.c_int
 #: Python can make to ioctl(2) (it skips trying the argument as a buffer, and ctypes' argument
 #: conversion), and it releases the GIL for as long as the guest runs. EINTR comes back as an
 #: OSError: fcntl.ioctl does not retry it, so a kick reaches the caller.
-run_ioctl = fcntl.ioctl
+run_ioctl = ioctl
 
 
 _T = TypeVar("_T", bound=KernelStruct)
@@ -166,13 +166,13 @@ class _FdOwner(Closeable):
             KvmIoctlError: a call failed (it names which), or returned other than its ``result``.
             ClosedError: the fd is closed.
         """
-        ioctl = fcntl.ioctl
+        call = ioctl
         with self._lock:
             fd = self._check_open(calls[0].name if calls else "ioctl")
             # The hot part of a fast reset: nothing per call but the call and its check.
             for name, request, buf, result in calls:
                 try:
-                    ret = ioctl(fd, request, buf, True)
+                    ret = call(fd, request, buf, True)
                 except OSError as e:
                     raise KvmIoctlError(name, e.errno or 0) from e
                 if result >= 0 and ret != result:
@@ -184,7 +184,7 @@ class _FdOwner(Closeable):
         with self._lock:
             fd = self._check_open(name)
             try:
-                ret: int = fcntl.ioctl(fd, request, buf, True)
+                ret: int = ioctl(fd, request, buf, True)
             except OSError as e:
                 raise KvmIoctlError(name, e.errno or 0) from e
         return ret
