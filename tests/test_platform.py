@@ -1,4 +1,4 @@
-"""`import kvmlib` works on any platform, and the first real use says what kvmlib needs."""
+"""What `import kvmlib` does: it works on any platform, binds little, and `Kvm()` says what it needs."""
 
 from __future__ import annotations
 
@@ -57,3 +57,20 @@ def test_import_works_anywhere_and_kvm_names_the_requirement(host: str) -> None:
 
 def test_this_host_is_supported() -> None:
     assert unsupported_platform() is None
+
+
+def test_the_heavier_parts_are_imported_on_first_use_only() -> None:
+    script = textwrap.dedent("""
+        import sys
+        import kvmlib
+        heavy = ("kvmlib.vmm", "kvmlib.snapshot", "kvmlib.migration")
+        print([m for m in heavy if m in sys.modules])
+        from kvmlib import MigrationError, Vmm, migrate, receive, save_snapshot
+        print([m for m in heavy if m in sys.modules], migrate.__module__, issubclass(
+            MigrationError, kvmlib.KvmError), sorted({"migrate", "receive", "Vmm"} - set(dir(kvmlib))))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "[]", "['kvmlib.vmm', 'kvmlib.snapshot', 'kvmlib.migration'] kvmlib.migration True []"]
