@@ -173,7 +173,7 @@ def test_a_slot_outside_u32_is_refused(kvm: Kvm, slot: int) -> None:
 def ioctl_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Every buffer ioctl kvmlib makes during the test, as (request, buffer size)."""
     calls: list[tuple[int, int]] = []
-    real = fd_module.ioctl
+    real = fd_module.run_ioctl  # the same function the buffer ioctls call as `ioctl`
 
     def spy(fd: int, request: int, arg: Any = 0, mutate: bool = True) -> Any:
         calls.append((request, len(memoryview(arg).cast("B"))))
