@@ -342,7 +342,9 @@ class VcpuFd(_FdOwner):
                                         (events, _SYNC_EVENTS_OFF, _EVENTS_SIZE,
                                          KVM_SYNC_X86_EVENTS)):
             if data is not None:
-                raw = memoryview(data).cast("B")
+                # bytes (what a saved state holds) go in as they are; anything else is viewed as
+                # bytes first (a slice takes only same-format buffers).
+                raw = data if type(data) is bytes else memoryview(data).cast("B")
                 if len(raw) != size:
                     raise KernelBufferError(f"a staged structure is {size} bytes, not {len(raw)}")
                 view[offset:offset + size] = raw
