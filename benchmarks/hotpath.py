@@ -136,7 +136,8 @@ def case_exit(s: Settings, ctx: Context) -> list[Result]:
                  target="<= 1.1")
     full = Result("exit round trip, vCPU loop + device vs C on the same vCPU", "us/exit",
                   target="<= 1.25")
-    baselines = Result("exit round trip, C on kvmlib's vCPU vs standalone C", "us/exit")
+    baselines = Result("exit round trip, C on kvmlib's vCPU vs standalone C", "us/exit",
+                       baseline="the standalone C program, its own VM")
     lib = _inprocess_library(ctx.tmp)
     guest = ctx.guest_file("exit", guests.exit_loop(s.exits))
     for _ in range(s.reps):
@@ -240,7 +241,8 @@ def case_reset(s: Settings, ctx: Context) -> list[Result]:
                    target="<= 12", target_of="kvmlib")
     phases = {name: Result(f"fast reset phase: {name} (10 pages)", "us", c=None)
               for name in ("harvest", "copy", "in-kernel devices", "vCPU", "bus devices")}
-    per_page = Result("fast reset, per page beyond 10, at 1024 pages vs memcpy of a page", "us/page")
+    per_page = Result("fast reset, per page beyond 10, at 1024 pages vs memcpy of a page", "us/page",
+                      baseline="memcpy of all 256 MiB, per page")
     iterations = s.fuzz_iterations
     guest = ctx.guest_file("fuzz10", guests.fuzz_target(10))
     for _ in range(s.reps):
