@@ -11,7 +11,7 @@ from pathlib import Path
 from kvmlib import Kvm
 
 from .cases import CASES, Context, Settings, run_cases
-from .runner import build_c, machine, progress, table, write_json, write_png
+from .runner import build_c, machine, progress, read_json, table, write_json, write_png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,19 @@ def main(argv: list[str] | None = None) -> int:
                              "'.[plot]'); default benchmarks.png when matplotlib is installed")
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help=f"run only these cases, from: {', '.join(CASES)}")
+    parser.add_argument("--from-json", type=Path, metavar="PATH",
+                        help="run nothing: print the table of a saved run (--json) and, with --png, "
+                             "redraw its chart")
+    parser.add_argument("--title", help="the chart's title (default: this machine's description)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = read_json(args.from_json)
+        print(table(saved))
+        if args.png:
+            if not write_png(args.png, saved, args.title or ""):
+                parser.error("drawing the chart needs matplotlib: pip install '.[plot]'")
+            progress(f"benchmarks: drew {args.png}")
+        return 0
     names = list(CASES) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -48,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, results)
         progress(f"benchmarks: wrote {args.json}")
     png = args.png or Path("benchmarks.png")
-    if write_png(png, results, header):
+    if write_png(png, results, args.title or header):
         progress(f"benchmarks: drew {png}")
     elif args.png:
         progress("benchmarks: matplotlib is not installed, so no chart (pip install '.[plot]')")

@@ -8,199 +8,36 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlib import (
     EventExitHandler,
     GuestAddress,
-    GuestMemoryMmap,
     IoManager,
-    IoOut,
-    Kvm,
     KvmVm,
-    PioRange,
     VmConfig,
 )
-from kvmlib.arch.x86_64.regs import (
-    BootProtocol,
-    BootState,
-    set_boot_registers,
-    write_boot_tables,
-)
-from kvmlib.ioctl import KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_regs
 from kvmlib.snapshot import restore_snapshot, save_snapshot
 
 from . import guests
-from .guests import CODE, DONE_PORT, WORK_PORT
+from .common import MB, Context, Ports, Settings, dense_memory, memory_with, to_ring3
+from .guests import CODE
+from .hotpath import case_exit, case_fuzz, case_reset, case_restore
 from .migration import case_migration
 from .runner import Result, progress, run_c
 
-MB = 1_000_000
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How long each case runs: the full run, or ``--quick``."""
-
-    reps: int = 7
-    exits: int = 20_000
-    lifecycle_cycles: int = 3
-    scaling_iterations: int = 1_500_000_000
-    latency_cycles: int = 5
-    snapshot_mib: int = 256
-    snapshot_reps: int = 5
-    import_reps: int = 7
-
-    @classmethod
-    def quick(cls) -> Settings:
-        """Every case, briefly (well under a minute in all)."""
-        return cls(reps=3, exits=5_000, lifecycle_cycles=2, scaling_iterations=300_000_000,
-                   latency_cycles=3, snapshot_mib=256, snapshot_reps=2, import_reps=3)
-
-
-@dataclass
-class Context:
-    """What the cases share: the C executable, a scratch directory, an open /dev/kvm."""
-
-    exe: Path
-    tmp: Path
-    kvm: Kvm
-
-    def guest_file(self, name: str, code: bytes) -> Path:
-        path = self.tmp / f"{name}.bin"
-        path.write_bytes(code)
-        return path
-
-
-class Ports:
-    """WORK_PORT and DONE_PORT: counts, and the times of the first work exit and the last DONE."""
-
-    def __init__(self, dones_expected: int = 1) -> None:
-        self.lock = threading.Lock()
-        self.count = 0
-        self.dones = 0
-        self.dones_expected = dones_expected
-        self.first = 0.0
-        self.done_at = 0.0
-        self.first_seen = threading.Event()
-        self.done = threading.Event()
-
-    def pio_read(self, base: int, offset: int, data: memoryview) -> None:
-        data[:] = bytes(len(data))
-
-    def pio_write(self, base: int, offset: int, data: memoryview) -> None:
-        if base == DONE_PORT:
-            with self.lock:
-                self.dones += 1
-                finished = self.dones >= self.dones_expected
-            if finished:
-                self.done_at = time.perf_counter()
-                self.done.set()
-            return
-        self.count += 1
-        if self.count == 1:
-            self.first = time.perf_counter()
-            self.first_seen.set()
-
-    def bus(self) -> IoManager:
-        bus = IoManager()
-        bus.register_pio(PioRange(WORK_PORT, 1), self)
-        bus.register_pio(PioRange(DONE_PORT, 1), self)
-        return bus
-
-
-def _memory(size: int, code: bytes, *, log_dirty_pages: bool = False) -> GuestMemoryMmap:
-    memory = GuestMemoryMmap.from_ranges([(0, size)], log_dirty_pages=log_dirty_pages)
-    memory.write(GuestAddress(CODE), code)
-    return memory
-
-
-def _to_ring3(vm: KvmVm, memory: GuestMemoryMmap) -> None:
-    """Every vCPU runnable at CODE in ring 3 with IOPL 3, on user-accessible identity tables."""
-    user = 0x4
-    write_boot_tables(memory, BootProtocol.LONG_MODE)
-    memory.write_u64(0x9000, 0xA000 | 0x23 | user)
-    memory.write_u64(0xA000, 0xB000 | 0x23 | user)
-    for i in range(512):
-        memory.write_u64(0xB000 + 8 * i, (i << 21) | 0xE3 | user)
-    for vcpu in vm.vcpus:
-        fd = vcpu.vcpu_fd
-        set_boot_registers(fd, BootState.long_mode(CODE))
-        sregs = fd.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            seg.dpl = 3
-            seg.selector |= 3
-        fd.set_sregs(sregs)
-        regs = kvm_regs()
-        regs.rip, regs.rflags, regs.rsp = CODE, 0x3002, 0x8FF0
-        fd.set_regs(regs)
-        fd.set_mp_state(kvm_mp_state(KVM_MP_STATE_RUNNABLE))
-
-
-# ---- 1. exit round trip ---------------------------------------------------------------------------
-
-
-def _exit_full_loop(ctx: Context, config: VmConfig, exits: int) -> float:
-    ports = Ports()
-    with _memory(2 << 20, guests.exit_loop(exits)) as memory, \
-            KvmVm.new(ctx.kvm, config, memory, EventExitHandler(), ports.bus()) as vm:
-        vm.run(GuestAddress(CODE))
-        if not ports.done.wait(120):
-            raise RuntimeError("the exit-loop guest did not finish")
-        vm.shutdown()
-    return (ports.done_at - ports.first) / (ports.count - 1) * 1e6
-
-
-def _exit_raw_loop(ctx: Context, config: VmConfig, exits: int) -> float:
-    with _memory(2 << 20, guests.exit_loop(exits)) as memory, \
-            KvmVm.new(ctx.kvm, config, memory, EventExitHandler(), IoManager()) as vm:
-        fd = vm.vcpus[0].vcpu_fd
-        write_boot_tables(memory, BootProtocol.LONG_MODE)
-        set_boot_registers(fd, BootState.long_mode(CODE))
-        run = fd.run
-        count, first = 0, 0.0
-        while True:
-            exit_ = run()
-            if type(exit_) is not IoOut:
-                raise RuntimeError(f"unexpected exit {exit_!r}")
-            if exit_.port == DONE_PORT:
-                break
-            count += 1
-            if count == 1:
-                first = time.perf_counter()
-        return (time.perf_counter() - first) / (count - 1) * 1e6
-
-
-def case_exit(s: Settings, ctx: Context) -> list[Result]:
-    full = Result("exit round trip, full vCPU loop + device", "us/exit", target="<= 1.2")
-    raw = Result("exit round trip, raw VcpuFd.run()", "us/exit", target="<= 1.1")
-    config = VmConfig.from_kvm(ctx.kvm, 1)
-    guest = ctx.guest_file("exit", guests.exit_loop(s.exits))
-    for _ in range(s.reps):
-        full.kvmlib.add(_exit_full_loop(ctx, config, s.exits))
-        raw.kvmlib.add(_exit_raw_loop(ctx, config, s.exits))
-        c = run_c(ctx.exe, "exit", guest)["RESULT"]
-        assert full.c is not None and raw.c is not None
-        full.c.add(c)
-        raw.c.add(c)
-    return [full, raw]
-
-
-# ---- 2. lifecycle ---------------------------------------------------------------------------------
+# ---- lifecycle ---------------------------------------------------------------------------------
 
 
 def _lifecycle_once(ctx: Context, config: VmConfig) -> float:
     t0 = time.perf_counter()
     ports = Ports()
-    with _memory(64 << 20, guests.FIRST_EXIT) as memory, \
+    with memory_with(64 << 20, guests.FIRST_EXIT) as memory, \
             KvmVm.new(ctx.kvm, config, memory, EventExitHandler(), ports.bus()) as vm:
         vm.run(GuestAddress(CODE))
         if not ports.first_seen.wait(60):
@@ -229,10 +66,10 @@ def case_lifecycle(s: Settings, ctx: Context) -> list[Result]:
 
 def _scaling_once(ctx: Context, n: int, iterations: int) -> float:
     ports = Ports(dones_expected=n)
-    with _memory(2 << 20, guests.ring3_work(iterations // n)) as memory, \
+    with memory_with(2 << 20, guests.ring3_work(iterations // n)) as memory, \
             KvmVm.new(ctx.kvm, VmConfig.from_kvm(ctx.kvm, n), memory, EventExitHandler(),
                       ports.bus()) as vm:
-        _to_ring3(vm, memory)
+        to_ring3(vm, memory)
         t0 = time.perf_counter()
         vm.run()
         if not ports.done.wait(300):
@@ -274,9 +111,9 @@ def case_latency(s: Settings, ctx: Context) -> list[Result]:
     for _ in range(s.reps):
         for _ in range(s.latency_cycles):
             ports = Ports()
-            with _memory(2 << 20, guests.RING3_REPORT_AND_SPIN) as memory, \
+            with memory_with(2 << 20, guests.RING3_REPORT_AND_SPIN) as memory, \
                     KvmVm.new(ctx.kvm, config, memory, EventExitHandler(), ports.bus()) as vm:
-                _to_ring3(vm, memory)
+                to_ring3(vm, memory)
                 vm.run()
                 ports.first_seen.wait(30)
                 time.sleep(0.002)
@@ -300,24 +137,17 @@ def case_latency(s: Settings, ctx: Context) -> list[Result]:
     return [pause, resume, shutdown]
 
 
-# ---- 5. snapshots ---------------------------------------------------------------------------------
-
-
-def _dense_memory(size: int, *, log_dirty_pages: bool = False) -> GuestMemoryMmap:
-    memory = GuestMemoryMmap.from_ranges([(0, size)], log_dirty_pages=log_dirty_pages)
-    block = random.Random(1).randbytes(1 << 20)
-    for off in range(0, size, 1 << 20):
-        memory.write(off, block)
-    return memory
+# ---- snapshots ---------------------------------------------------------------------------------
 
 
 def case_snapshot(s: Settings, ctx: Context) -> list[Result]:
     size = s.snapshot_mib << 20
-    save = Result(f"snapshot save, {s.snapshot_mib} MiB", "MB/s")
-    read = Result("snapshot restore, memory read", "MB/s")
-    mapped = Result("snapshot restore, memory mapped CoW", "MB/s")
+    copy = "a file copy (read/write, fsync)"
+    save = Result(f"snapshot save, {s.snapshot_mib} MiB", "MB/s", baseline=copy)
+    read = Result("snapshot restore, memory read", "MB/s", baseline=copy)
+    mapped = Result("snapshot restore, memory mapped CoW", "MB/s", baseline=copy)
     assert save.c is not None and read.c is not None and mapped.c is not None
-    with _dense_memory(size) as memory, \
+    with dense_memory(size) as memory, \
             KvmVm.new(ctx.kvm, VmConfig.from_kvm(ctx.kvm, 1), memory, EventExitHandler(),
                       IoManager()) as vm:
         for i in range(s.snapshot_reps):
@@ -340,30 +170,7 @@ def case_snapshot(s: Settings, ctx: Context) -> list[Result]:
     return [save, read, mapped]
 
 
-def case_reset(s: Settings, ctx: Context) -> list[Result]:
-    size = 256 << 20
-    pages = size // 4096
-    rows = {frac: Result(f"fast reset, {frac:g} % of 256 MiB dirtied", "ms",
-                         target="<= 0.1" if frac == 1 else None) for frac in (0.1, 1, 10)}
-    picker = random.Random(2)
-    with _dense_memory(size, log_dirty_pages=True) as memory, \
-            KvmVm.new(ctx.kvm, VmConfig.from_kvm(ctx.kvm, 1), memory, EventExitHandler(),
-                      IoManager()) as vm, vm.snapshot() as snap:
-        for _ in range(s.reps):
-            for frac, row in rows.items():
-                for page in picker.sample(range(pages), int(pages * frac / 100)):
-                    memory.write(page * 4096, b"\xff")
-                t0 = time.perf_counter()
-                vm.reset_to(snap)
-                row.kvmlib.add((time.perf_counter() - t0) * 1e3)
-            full = run_c(ctx.exe, "memcpy", "256", "1")["SAMPLE"]
-            for row in rows.values():
-                assert row.c is not None
-                row.c.add(full)
-    return list(rows.values())
-
-
-# ---- 6. import time and memory -----------------------------------------------------------------
+# ---- import time and memory -----------------------------------------------------------------
 
 
 _RSS_PROBE = """
@@ -376,11 +183,11 @@ before = rss()
 import threading
 from kvmlib import EventExitHandler, GuestMemoryMmap, IoManager, Kvm, KvmVm, VmConfig, PioRange
 sys.path.insert(0, sys.argv[1])
-from benchmarks.cases import Ports, _memory
+from benchmarks.common import Ports, memory_with
 from benchmarks import guests
 kvm = Kvm()
 ports = Ports()
-memory = _memory(64 << 20, guests.FIRST_EXIT)
+memory = memory_with(64 << 20, guests.FIRST_EXIT)
 vm = KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(), ports.bus())
 vm.run(guests.CODE)
 ports.first_seen.wait(30)
@@ -429,6 +236,8 @@ CASES: dict[str, CaseFn] = {
     "latency": case_latency,
     "snapshot": case_snapshot,
     "reset": case_reset,
+    "fuzz": case_fuzz,
+    "restore": case_restore,
     "footprint": case_footprint,
     "migration": case_migration,
 }

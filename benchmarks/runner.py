@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ class Result:
     target: str | None = None
     #: What the target applies to: "ratio" (kvmlib / C) or "kvmlib" (kvmlib's own median).
     target_of: str = "ratio"
+    #: What the C column measures when it is not the same operation as kvmlib's, e.g. "memcpy of
+    #: the whole 256 MiB" for fast reset; None when C does the same thing.
+    baseline: str | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -85,6 +88,7 @@ class Result:
             "c_min": c.low if c is not None else None, "c_max": c.high if c is not None else None,
             "samples": len(self.kvmlib.samples), "target": self.target,
             "target_of": self.target_of if self.target else None, "target_met": self.met(),
+            "baseline": self.baseline,
         }
 
 
@@ -152,25 +156,37 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}" if magnitude < 1000 else f"{value:,.0f}"
 
 
-def _cell(series: Series | None) -> str:
-    if series is None or series.median is None:
+def _cell(median: float | None, low: float | None, high: float | None) -> str:
+    if median is None:
         return "n/a"
-    return f"{_fmt(series.median)} ({_fmt(series.low)}-{_fmt(series.high)})"
+    return f"{_fmt(median)} ({_fmt(low)}-{_fmt(high)})"
 
 
-def table(results: Sequence[Result]) -> str:
+#: The columns of :func:`table` and :func:`table_rows`.
+TABLE_HEADER = ("case", "unit", "kvmlib median (min-max)", "C median (min-max)", "kvmlib/C", "target")
+
+
+def table_rows(cases: Sequence[Result | Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """One row of cells per case (a :class:`Result` or its JSON object), as :data:`TABLE_HEADER`."""
+    rows: list[tuple[str, ...]] = []
+    for case in map(_as_json, cases):
+        of = "" if case.get("target_of") in (None, "ratio") else f" ({case['target_of']})"
+        target = "" if case.get("target") is None else (
+            f"{case['target']}{of} {'met' if case.get('target_met') else 'MISSED'}")
+        ratio = case.get("ratio")
+        rows.append((case["name"], case["unit"],
+                     _cell(case.get("kvmlib"), case.get("kvmlib_min"), case.get("kvmlib_max")),
+                     _cell(case.get("c"), case.get("c_min"), case.get("c_max")),
+                     "n/a" if ratio is None else f"{ratio:.2f}", target))
+    return rows
+
+
+def table(results: Sequence[Result | Mapping[str, Any]]) -> str:
     """The results as a text table: medians with min-max, the ratio and the target."""
-    header = ("case", "unit", "kvmlib median (min-max)", "C median (min-max)", "kvmlib/C", "target")
-    rows = []
-    for r in results:
-        met = r.met()
-        of = "" if r.target_of == "ratio" else " (kvmlib)"
-        target = "" if r.target is None else f"{r.target}{of} {'met' if met else 'MISSED'}"
-        rows.append((r.name, r.unit, _cell(r.kvmlib), _cell(r.c),
-                     "n/a" if r.ratio is None else f"{r.ratio:.2f}", target))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    rows = table_rows(results)
+    widths = [max(len(row[i]) for row in [TABLE_HEADER, *rows]) for i in range(len(TABLE_HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
+             for row in [TABLE_HEADER, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -180,28 +196,126 @@ def write_json(path: Path, results: Sequence[Result]) -> None:
     path.write_text(json.dumps([r.to_json() for r in results], indent=1) + "\n")
 
 
-def write_png(path: Path, results: Sequence[Result], title: str) -> bool:
-    """A bar chart of kvmlib / C per case (log scale), if matplotlib is installed."""
+def read_json(path: Path) -> list[dict[str, Any]]:
+    """The cases :func:`write_json` wrote."""
+    cases = json.loads(path.read_text())
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and "name" in c for c in cases):
+        raise ValueError(f"{path} is not a list of benchmark cases")
+    return cases
+
+
+def _as_json(case: Result | Mapping[str, Any]) -> Mapping[str, Any]:
+    return case.to_json() if isinstance(case, Result) else case
+
+
+def higher_is_better(unit: str) -> bool:
+    """Whether a larger number is the better one: rates (units per second, ``MB/s``) are."""
+    return unit.endswith("/s")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the chart: the cases whose kvmlib / C ratios share a direction."""
+
+    title: str
+    xlabel: str
+    higher_is_better: bool
+    cases: list[Mapping[str, Any]]
+
+
+def chart_panels(cases: Sequence[Result | Mapping[str, Any]]) -> tuple[list[Panel], list[str]]:
+    """Split the cases with a C baseline by direction; also returns the names of those without.
+
+    Times, sizes and other "lower is better" quantities go in one panel and rates ("higher is
+    better") in another, so that a bar to the left of 1 always means the same thing within a panel.
+    Each case is drawn against its own baseline: its ratio is kvmlib's median over its own C
+    median, whatever that C side measures (the case's ``baseline`` says when it is not the same
+    operation).
+    """
+    compared = [c for c in map(_as_json, cases) if c.get("ratio") is not None]
+    alone = [c["name"] for c in map(_as_json, cases) if c.get("ratio") is None]
+    panels = []
+    lower = [c for c in compared if not higher_is_better(c["unit"])]
+    higher = [c for c in compared if higher_is_better(c["unit"])]
+    if lower:
+        panels.append(Panel("Times and sizes: lower is better",
+                            "kvmlib / C (median): below 1, kvmlib takes less than its C baseline",
+                            False, lower))
+    if higher:
+        panels.append(Panel("Throughputs: higher is better",
+                            "kvmlib / C (median): above 1, kvmlib moves more per second than its "
+                            "C baseline", True, higher))
+    return panels, alone
+
+
+def _label(case: Mapping[str, Any]) -> str:
+    label = f"{case['name']} ({case['unit']})"
+    if case.get("baseline"):
+        label += f"\nC baseline: {case['baseline']}"
+    return label
+
+
+def write_png(path: Path, results: Sequence[Result | Mapping[str, Any]], title: str) -> bool:
+    """Draw kvmlib / C per case, one panel per direction (see :func:`chart_panels`).
+
+    ``results`` are :class:`Result` objects or the JSON objects of a saved run (:func:`read_json`).
+    Returns False, drawing nothing, when matplotlib (the ``plot`` extra) is not installed.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return False
-    rows = [r for r in results if r.ratio is not None]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.6))
-    names = [f"{r.name} ({r.unit})" for r in rows]
-    ratios = [r.ratio or 0.0 for r in rows]
-    colors = ["#4c72b0" if r.met() in (None, True) else "#c44e52" for r in rows]
-    ax.barh(names, ratios, color=colors)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.invert_yaxis()
-    ax.set_xlabel("kvmlib / C (median; 1 = as fast as raw ioctls in C; red: target missed)")
-    for y, r in enumerate(rows):
-        ax.annotate(f" {r.ratio:.2f}", (ratios[y], y), va="center", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    panels, alone = chart_panels(results)
+    if not panels:
+        return False
+    # Laid out in inches, top down: the title, then per panel its heading, one slot per case (taller
+    # where a label has a second line naming the baseline), its x axis; then the notes.
+    width, left, right = 10.0, 3.5, 2.1
+    slots = [0.5 if any(c.get("baseline") for c in p.cases) else 0.36 for p in panels]
+    heading, axis, top, notes_height = 0.35, 0.7, 0.45, 0.45
+    height = top + notes_height + sum(heading + slot * len(p.cases) + axis
+                                      for slot, p in zip(slots, panels, strict=True))
+    fig = plt.figure(figsize=(width, height))
+    axes, y = [], height - top
+    for slot, panel in zip(slots, panels, strict=True):
+        y -= heading + slot * len(panel.cases)
+        axes.append(fig.add_axes((left / width, y / height, (width - left - right) / width,
+                                  slot * len(panel.cases) / height)))
+        y -= axis
+    for ax, panel in zip(axes, panels, strict=True):
+        ratios = [float(c["ratio"]) for c in panel.cases]
+        colors = ["#c44e52" if c.get("target_met") is False else "#4c72b0" for c in panel.cases]
+        ax.barh(range(len(ratios)), ratios, color=colors, height=0.6, zorder=2)
+        ax.set_yticks(range(len(ratios)), [_label(c) for c in panel.cases], fontsize=8.5)
+        ax.set_ylim(len(ratios) - 0.5, -0.5)
+        ax.set_xscale("log")
+        ax.set_xlim(min([*ratios, 1.0]) / 1.5, max([*ratios, 1.0]) * 1.5)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axvline(1.0, color="black", linewidth=0.9, zorder=3)
+        low, high = ax.get_xlim()
+        ax.axvspan(1.0 if panel.higher_is_better else low, high if panel.higher_is_better else 1.0,
+                   color="#55a868", alpha=0.10, zorder=0)
+        for y, case in enumerate(panel.cases):
+            ax.annotate(f"{case['ratio']:.2f}x   {_fmt(case['kvmlib'])} vs {_fmt(case['c'])} "
+                        f"{case['unit']}", xy=(1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate("kvmlib / C   kvmlib vs C", xy=(1.0, 1.0), xycoords="axes fraction",
+                    xytext=(6, 4), textcoords="offset points", va="bottom", fontsize=8,
+                    fontweight="bold")
+        ax.set_title(panel.title, fontsize=10, loc="left", fontweight="bold")
+        ax.set_xlabel(panel.xlabel, fontsize=8.5)
+        ax.tick_params(axis="x", labelsize=8)
+    notes = ["Shaded: the side where kvmlib does better than its baseline. Red: the case's target "
+             "was missed. Medians; each case against its own C baseline."]
+    if alone:
+        notes.append(f"Without a C baseline, in the table only: {', '.join(alone)}.")
+    fig.suptitle(title, fontsize=9, y=1 - 0.15 / height)
+    fig.text(0.01, 0.1 / height, "\n".join(notes), fontsize=7.5, va="bottom")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

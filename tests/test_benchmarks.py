@@ -10,7 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.runner import Result, Series, parse_c_output, table, write_json
+import pytest
+from benchmarks.runner import (
+    Result,
+    Series,
+    chart_panels,
+    higher_is_better,
+    parse_c_output,
+    read_json,
+    table,
+    table_rows,
+    write_json,
+    write_png,
+)
 
 from kvmlib import Kvm
 
@@ -44,6 +56,58 @@ def test_the_table_shows_every_case_with_its_target(tmp_path: Path) -> None:
     assert [d["name"] for d in doc] == ["exit", "import kvmlib"]
     assert {"name", "unit", "kvmlib", "c", "ratio"} <= set(doc[0])
     assert doc[1]["c"] is None and doc[1]["ratio"] is None
+    assert table(read_json(path)) == text  # a saved run prints as the live one did
+
+
+SAVED_RUN = ROOT / "docs" / "_static" / "benchmarks.json"
+
+
+def test_the_chart_splits_cases_by_direction_each_against_its_own_baseline() -> None:
+    results = [
+        Result("exit", "us/exit", Series([12.0]), Series([9.0]), target="<= 1.2"),
+        Result("save", "MB/s", Series([800.0]), Series([700.0])),
+        Result("reset", "ms", Series([1.0]), Series([20.0]), baseline="memcpy of all memory"),
+        Result("import kvmlib", "ms", Series([80.0]), c=None),
+    ]
+    panels, alone = chart_panels(results)
+    assert [(p.higher_is_better, [c["name"] for c in p.cases]) for p in panels] == [
+        (False, ["exit", "reset"]), (True, ["save"])]
+    assert "lower is better" in panels[0].title and "higher is better" in panels[1].title
+    assert alone == ["import kvmlib"]
+    reset = panels[0].cases[1]
+    assert (reset["ratio"], reset["baseline"]) == (0.05, "memcpy of all memory")
+    assert [higher_is_better(u) for u in ("MB/s", "ops/s", "ms", "us/exit", "MiB", "x")] == [
+        True, True, False, False, False, False]
+    # Only a panel that has cases is drawn.
+    assert [p.higher_is_better for p in chart_panels(results[:1])[0]] == [False]
+
+
+def test_the_docs_run_names_the_baseline_of_the_cases_compared_with_another_operation() -> None:
+    cases = read_json(SAVED_RUN)
+    # The rows whose C column is another operation than kvmlib's (the rest do the same in C).
+    compared_with_another = ("snapshot", "fast reset, per page", "exit round trip, C on",
+                             "migrate 256 MiB")
+    for case in cases:
+        other = case["c"] is not None and case["name"].startswith(compared_with_another)
+        assert bool(case.get("baseline")) == other, case["name"]
+    rows = table_rows(cases)
+    assert [r[0] for r in rows] == [c["name"] for c in cases] and all(len(r) == 6 for r in rows)
+
+
+def test_a_saved_run_is_printed_without_running_anything() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--from-json", str(SAVED_RUN)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == table(read_json(SAVED_RUN)) + "\n"
+    assert "drew" not in done.stderr  # no chart without --png
+
+
+def test_the_chart_is_drawn_from_a_saved_run(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the chart needs the plot extra")
+    png = tmp_path / "chart.png"
+    assert write_png(png, read_json(SAVED_RUN), "a saved run")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_png(tmp_path / "none.png", [Result("import", "ms", Series([1.0]), c=None)], "") is False
 
 
 def test_a_quick_real_run_of_the_exit_case_writes_the_json(kvm: Kvm, tmp_path: Path) -> None:
@@ -54,8 +118,24 @@ def test_a_quick_real_run_of_the_exit_case_writes_the_json(kvm: Kvm, tmp_path: P
     assert done.returncode == 0, done.stderr
     assert "exit round trip" in done.stdout and "machine:" in done.stdout
     doc = json.loads(out.read_text())
-    assert [d["name"] for d in doc] == ["exit round trip, full vCPU loop + device",
-                                        "exit round trip, raw VcpuFd.run()"]
+    assert [d["name"] for d in doc] == [
+        "exit round trip, raw VcpuFd.run() vs C on the same vCPU",
+        "exit round trip, vCPU loop + device vs C on the same vCPU",
+        "exit round trip, C on kvmlib's vCPU vs standalone C"]
     for case in doc:
         assert case["unit"] == "us/exit"
         assert case["kvmlib"] > 0 and case["c"] > 0 and case["ratio"] > 0
+
+
+def test_the_fuzz_reset_and_restore_cases_run(kvm: Kvm, tmp_path: Path) -> None:
+    """The hot-path cases build their C side and guests and finish, with a row per measurement."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only",
+                           "fuzz,reset,restore", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    names = [d["name"] for d in json.loads(out.read_text())]
+    assert sum(n.startswith("fuzz loop") for n in names) == 3
+    assert "fast reset, 10 guest-dirtied pages of 256 MiB" in names
+    assert sum(n.startswith("fast reset phase") for n in names) == 5
+    assert sum(n.startswith("restore 256 MiB") for n in names) == 2

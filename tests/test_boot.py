@@ -121,3 +121,12 @@ def test_the_busybox_initramfs_shell_comes_up_and_reboot_ends_the_vm(vmm: Vmm, b
         pytest.skip(f"this host's KVM cannot run the kernel ({boot.result.seconds:.0f} s in): {error}")
     vmm.console.expect(SHELL_MARKER, timeout=0)  # its message shows the console's last lines
     assert boot.result.reason is VmmExitReason.RESET
+
+
+def test_the_docs_kernel_smoke_test_passes_with_this_kernel(pytester: pytest.Pytester) -> None:
+    # docs/testing.rst's example, run as a harness suite would run it: with --kvmlib-kernel.
+    kernel = _need("kernel (/boot/vmlinuz-*)", next(iter(sorted(glob.glob("/boot/vmlinuz-*"))), None))
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "testing_guide"
+    result = pytester.runpytest(str(example / "test_kernel_smoke.py"), "-p", "no:cacheprovider",
+                                "--kvmlib-kernel", kernel, "--kvmlib-hide-cpuid", ",".join(HIDE))
+    result.assert_outcomes(passed=1)

@@ -27,6 +27,14 @@ def test_runs_and_pages_match_the_bits(pages: set[int]) -> None:
     assert len(bitmap) == len(pages)
 
 
+@given(st.sets(st.integers(0, 65535), max_size=40), st.integers(0, 65535))
+def test_runs_far_into_a_large_region_match_the_bits(pages: set[int], extra: int) -> None:
+    # 256 MiB of pages: the scan starts at the first dirty word, wherever that is.
+    pages |= {extra}
+    bitmap = DirtyBitmap(0, GuestAddress(0), 65536, sum(1 << p for p in pages))
+    assert bitmap.runs() == naive_runs(list(pages))
+
+
 def test_a_full_word_and_the_last_page_make_runs() -> None:
     bitmap = DirtyBitmap(0, GuestAddress(0x100000), 130, ((1 << 64) - 1) << 64 | 1 << 129)
     assert bitmap.runs() == [(64, 64), (129, 1)]
@@ -53,3 +61,22 @@ def test_each_cursor_sees_every_write_once_whatever_the_others_take() -> None:
     assert tracker.take("b")[0].pages() == [2, 3, 4]
     assert tracker.take("a")[0].pages() == [4]
     region.close()
+
+
+def test_take_runs_is_take_as_runs() -> None:
+    region = GuestRegionMmap.anonymous(GuestAddress(0), 64 * 4096, log_dirty_pages=True)
+    logs = [bytearray(8)]
+
+    def fetch(slot: int, r: GuestRegionMmap) -> bytearray:
+        log, logs[0] = logs[0], bytearray(8)
+        return log
+
+    try:
+        tracker = DirtyTracker([region], fetch)
+        tracker.start("a")
+        logs[0][0] = 0b1110
+        region.mark_dirty(63 * 4096, 1)  # a host write counts too
+        assert tracker.take_runs("a") == {0: [(1, 3), (63, 1)]}
+        assert tracker.take_runs("a") == {0: []}
+    finally:
+        region.close()

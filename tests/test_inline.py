@@ -19,6 +19,7 @@ from kvmlib import (
 )
 from kvmlib.arch.x86_64.regs import BootState
 from kvmlib.ioctl import KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_sregs
+from kvmlib.lifecycle import Watchdog
 from kvmlib.testing import make_vm
 
 from .concurrency import DEADLINE, bounded
@@ -73,6 +74,50 @@ def test_a_device_stops_the_run_and_reset_replays_it_exactly(kvm: Kvm) -> None:
             assert vm.run_inline(timeout=DEADLINE).reason is StopReason.REQUESTED
             assert device.values == [1, 2, 3, 4, 5]
         snapshot.close()
+
+
+def test_a_stop_from_the_running_thread_needs_no_kick_and_loses_no_instruction(
+        kvm: Kvm) -> None:
+    device = StopAfter(3)
+    with counter_vm(kvm, device) as vm:
+        vcpu = vm.vcpus[0]
+        kicks: list[int] = []
+        kick = vcpu.kick
+
+        def counted() -> None:
+            kicks.append(1)
+            kick()
+
+        vcpu.kick = counted  # type: ignore[method-assign]
+        assert vm.run_inline(timeout=DEADLINE).reason is StopReason.REQUESTED
+        device.limit = 6
+        # The next run starts right after the stopping OUT: nothing skipped, nothing repeated.
+        assert vm.run_inline(timeout=DEADLINE).reason is StopReason.REQUESTED
+        assert device.values == [1, 2, 3, 4, 5, 6]
+        assert kicks == []  # no signal sent to ourselves
+
+
+def test_a_watchdog_armed_again_and_again_still_fires_on_time() -> None:
+    fired = threading.Event()
+    watchdog = Watchdog("test-watchdog")
+    try:
+        for _ in range(100):  # what a fuzz loop does: the far deadline never wakes the thread
+            watchdog.arm(3600, fired.set)
+            watchdog.disarm()
+        watchdog.arm(3600, fired.set)
+        watchdog.arm(0.01, fired.set)  # an earlier deadline does wake it
+        assert fired.wait(DEADLINE)
+        fired.clear()
+        watchdog.arm(0.01, fired.set)
+        watchdog.disarm()
+        watchdog.arm(0.02, fired.set)
+        assert fired.wait(DEADLINE)
+        fired.clear()
+        watchdog.arm(0.01, fired.set)
+        watchdog.disarm()  # a disarmed action never runs
+        assert not fired.wait(0.1)
+    finally:
+        watchdog.close()
 
 
 def test_a_timeout_stops_a_guest_that_never_exits(kvm: Kvm) -> None:

@@ -4,7 +4,6 @@ clean error or the whole result, never let the kernel write (or read) past the b
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from kvmlib import (
 )
 from kvmlib import ioctl as k
 from kvmlib.ioctl import KVM_MEM_LOG_DIRTY_PAGES, Cap
+from kvmlib.ioctl import fd as fd_module
 
 GIB = 1 << 30
 PAGE = 4096
@@ -97,6 +97,21 @@ def test_dirty_log_is_sized_from_the_registered_slot(kvm: Kvm, big_region: Guest
                 vm.get_dirty_log(0, wrong)
 
 
+def test_a_slot_registered_again_with_another_size_gets_a_bitmap_of_the_new_size(
+        kvm: Kvm, big_region: GuestRegionMmap) -> None:
+    # The log's buffer is kept per slot between calls: registering the slot again must not leave
+    # the old size behind (the kernel would write past a smaller buffer).
+    with kvm.create_vm() as vm:
+        vm.set_user_memory_region(0, 0, GIB // 2, big_region.host_address, big_region.flags)
+        assert len(vm.get_dirty_log(0)) == GIB // 2 // PAGE // 8
+        vm.set_user_memory_region(0, 0, 0, big_region.host_address, big_region.flags)
+        vm.set_user_memory_region(0, 0, GIB, big_region.host_address, big_region.flags)
+        first = vm.get_dirty_log(0)
+        assert len(first) == GIB // PAGE // 8
+        first[0] = 0xFF  # each call returns its own copy, not the kept buffer
+        assert not any(vm.get_dirty_log(0))
+
+
 def test_dirty_log_of_an_unknown_or_deleted_slot_is_refused(kvm: Kvm,
                                                            big_region: GuestRegionMmap) -> None:
     with kvm.create_vm() as vm:
@@ -158,13 +173,13 @@ def test_a_slot_outside_u32_is_refused(kvm: Kvm, slot: int) -> None:
 def ioctl_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Every buffer ioctl kvmlib makes during the test, as (request, buffer size)."""
     calls: list[tuple[int, int]] = []
-    real = fcntl.ioctl
+    real = fd_module.run_ioctl  # the same function the buffer ioctls call as `ioctl`
 
     def spy(fd: int, request: int, arg: Any = 0, mutate: bool = True) -> Any:
         calls.append((request, len(memoryview(arg).cast("B"))))
         return real(fd, request, arg, mutate)
 
-    monkeypatch.setattr(fcntl, "ioctl", spy)
+    monkeypatch.setattr(fd_module, "ioctl", spy)
     return calls
 
 
@@ -279,3 +294,25 @@ def test_msrs_are_sized_by_their_own_count(kvm: Kvm) -> None:
         vcpu.set_msrs([(MSR_IA32_SYSENTER_CS, 0x10)] * 100)
         assert vcpu.get_msrs([MSR_IA32_SYSENTER_CS] * 100) == {MSR_IA32_SYSENTER_CS: 0x10}
         assert vcpu.get_msrs([]) == {}
+
+
+def test_prepared_ioctls_are_checked_once_and_issued_in_order(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        with pytest.raises(KernelBufferError, match="KVM_SET_XSAVE needs a buffer of at least"):
+            vcpu.prepare_set("xsave", bytearray(16))
+        regs = k.kvm_regs(rip=0x1000)
+        calls = (vcpu.prepare_set("regs", regs),
+                 vcpu.prepare_set("msrs", k.make_kvm_msrs([(MSR_IA32_SYSENTER_CS, 0x10)])))
+        vcpu.issue(calls)
+        assert vcpu.get_regs().rip == 0x1000
+        assert vcpu.get_msrs([MSR_IA32_SYSENTER_CS]) == {MSR_IA32_SYSENTER_CS: 0x10}
+        regs.rip = 0x2000  # the kernel reads the structure at each issue
+        vcpu.issue(calls)
+        assert vcpu.get_regs().rip == 0x2000
+        # An MSR the kernel refuses stops the batch with the ioctl's name and the count.
+        refused = vcpu.prepare_set("msrs", k.make_kvm_msrs([(0xDEADBEEF, 1)]))
+        with pytest.raises(KvmIoctlError, match=r"KVM_SET_MSRS.*handled 0 of the 1 entries"):
+            vcpu.issue((refused, vcpu.prepare_set("regs", k.kvm_regs(rip=0x3000))))
+        assert vcpu.get_regs().rip == 0x2000  # nothing after the failure was issued
+    with pytest.raises(kvmlib.ClosedError, match="KVM_SET_REGS"):
+        vcpu.issue(calls)

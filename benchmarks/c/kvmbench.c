@@ -10,6 +10,10 @@
  *   kvmbench lifecycle GUEST NVCPUS CYCLES    ms per create / run to first exit / shutdown / close
  *   kvmbench scaling GUEST NVCPUS             s for every vCPU to run the ring-3 payload to its end
  *   kvmbench latency GUEST CYCLES             ms to pause, resume and shut down a spinning guest
+ *   kvmbench fuzz GUEST ITERS                 the fuzz loop: run the ring-3 target to DONE, fast-reset
+ *                                             (the same ioctls as kvmlib's reset_to), again; prints
+ *                                             EXECS (executions/s), RESET (us per reset) and SETREGS
+ *                                             (us per KVM_SET_REGS, the unit resets are counted in)
  *   kvmbench memcpy MIB REPS                  ms per full copy of MIB MiB between two mappings
  *   kvmbench filecopy SRC DST REPS            ms per read/write copy of SRC to DST, then fsync
  *
@@ -211,7 +215,13 @@ static void set_regs(struct vcpu *v, int ring3) {
     if (ioctl(v->fd, KVM_SET_REGS, &r) < 0) die("KVM_SET_REGS");
 }
 
+static struct vm *vm_create_flags(int nvcpus, size_t mem_size, int ring3, uint32_t slot_flags);
+
 static struct vm *vm_create(int nvcpus, size_t mem_size, int ring3) {
+    return vm_create_flags(nvcpus, mem_size, ring3, 0);
+}
+
+static struct vm *vm_create_flags(int nvcpus, size_t mem_size, int ring3, uint32_t slot_flags) {
     struct vm *vm = calloc(1, sizeof *vm);
     vm->nvcpus = nvcpus;
     vm->mem_size = mem_size;
@@ -222,7 +232,8 @@ static struct vm *vm_create(int nvcpus, size_t mem_size, int ring3) {
     if (vm->mem == MAP_FAILED) die("mmap guest memory");
     memcpy(vm->mem + CODE_ADDR, guest_code, guest_len);
     struct kvm_userspace_memory_region region = {
-        .slot = 0, .guest_phys_addr = 0, .memory_size = mem_size, .userspace_addr = (uintptr_t)vm->mem};
+        .slot = 0, .flags = slot_flags, .guest_phys_addr = 0, .memory_size = mem_size,
+        .userspace_addr = (uintptr_t)vm->mem};
     if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
     uint64_t identity = IDENTITY_MAP_ADDR;
     if (ioctl(vm->fd, KVM_SET_IDENTITY_MAP_ADDR, &identity) < 0) die("KVM_SET_IDENTITY_MAP_ADDR");
@@ -402,6 +413,136 @@ static void case_latency(int cycles) {
     }
 }
 
+/* ---- the fuzz loop: a C reset doing the same work, with the same ioctls, as kvmlib's reset_to -- */
+
+#define INPUT_PORT 0x12
+#define FUZZ_MEM (256UL << 20)
+
+struct saved {
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    struct kvm_vcpu_events events;
+    struct kvm_mp_state mp;
+    struct kvm_xsave xsave;
+    struct kvm_xcrs xcrs;
+    struct kvm_debugregs debugregs;
+    struct kvm_lapic_state lapic;
+    struct kvm_msrs *msrs;
+    struct kvm_pit_state2 pit;
+    struct kvm_clock_data clock;
+    struct kvm_irqchip chips[3];
+    unsigned char *memory;
+};
+
+static void xioctl(int fd, unsigned long request, void *arg, const char *name) {
+    if (ioctl(fd, request, arg) < 0) die(name);
+}
+
+static void save(struct vm *vm, struct saved *s) {
+    int fd = vm->vcpus[0].fd;
+    xioctl(fd, KVM_GET_MP_STATE, &s->mp, "KVM_GET_MP_STATE");
+    xioctl(fd, KVM_GET_REGS, &s->regs, "KVM_GET_REGS");
+    xioctl(fd, KVM_GET_SREGS, &s->sregs, "KVM_GET_SREGS");
+    xioctl(fd, KVM_GET_VCPU_EVENTS, &s->events, "KVM_GET_VCPU_EVENTS");
+    xioctl(fd, KVM_GET_XSAVE, &s->xsave, "KVM_GET_XSAVE");
+    xioctl(fd, KVM_GET_XCRS, &s->xcrs, "KVM_GET_XCRS");
+    xioctl(fd, KVM_GET_DEBUGREGS, &s->debugregs, "KVM_GET_DEBUGREGS");
+    xioctl(fd, KVM_GET_LAPIC, &s->lapic, "KVM_GET_LAPIC");
+    struct { struct kvm_msr_list h; uint32_t i[512]; } list = {.h.nmsrs = 512};
+    xioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, &list, "KVM_GET_MSR_INDEX_LIST");
+    s->msrs = calloc(1, sizeof *s->msrs + list.h.nmsrs * sizeof(struct kvm_msr_entry));
+    s->msrs->nmsrs = list.h.nmsrs;
+    for (unsigned i = 0; i < list.h.nmsrs; i++) s->msrs->entries[i].index = list.h.indices[i];
+    if (ioctl(fd, KVM_GET_MSRS, s->msrs) != (int)list.h.nmsrs) die("KVM_GET_MSRS");
+    xioctl(vm->fd, KVM_GET_PIT2, &s->pit, "KVM_GET_PIT2");
+    xioctl(vm->fd, KVM_GET_CLOCK, &s->clock, "KVM_GET_CLOCK");
+    s->clock.flags &= KVM_CLOCK_REALTIME;
+    for (int c = 0; c < 3; c++) {
+        s->chips[c].chip_id = c;
+        xioctl(vm->fd, KVM_GET_IRQCHIP, &s->chips[c], "KVM_GET_IRQCHIP");
+    }
+    s->memory = malloc(vm->mem_size);
+    memcpy(s->memory, vm->mem, vm->mem_size);
+}
+
+static uint64_t dirty_bitmap[FUZZ_MEM / 4096 / 64];
+
+static void reset(struct vm *vm, struct saved *s) {
+    struct kvm_dirty_log log = {.slot = 0, .dirty_bitmap = dirty_bitmap};
+    xioctl(vm->fd, KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG");
+    for (size_t w = 0; w < sizeof dirty_bitmap / 8; w++) {
+        uint64_t bits = dirty_bitmap[w];
+        while (bits) {
+            size_t page = w * 64 + __builtin_ctzll(bits);
+            memcpy(vm->mem + page * 4096, s->memory + page * 4096, 4096);
+            bits &= bits - 1;
+        }
+    }
+    xioctl(vm->fd, KVM_SET_PIT2, &s->pit, "KVM_SET_PIT2");
+    xioctl(vm->fd, KVM_SET_CLOCK, &s->clock, "KVM_SET_CLOCK");
+    for (int c = 0; c < 3; c++) xioctl(vm->fd, KVM_SET_IRQCHIP, &s->chips[c], "KVM_SET_IRQCHIP");
+    struct vcpu *v = &vm->vcpus[0];
+    xioctl(v->fd, KVM_SET_MP_STATE, &s->mp, "KVM_SET_MP_STATE");
+    int staged_sregs = v->run->apic_base == s->sregs.apic_base;
+    if (!staged_sregs) xioctl(v->fd, KVM_SET_SREGS, &s->sregs, "KVM_SET_SREGS");
+    xioctl(v->fd, KVM_SET_XSAVE, &s->xsave, "KVM_SET_XSAVE");
+    xioctl(v->fd, KVM_SET_XCRS, &s->xcrs, "KVM_SET_XCRS");
+    xioctl(v->fd, KVM_SET_DEBUGREGS, &s->debugregs, "KVM_SET_DEBUGREGS");
+    xioctl(v->fd, KVM_SET_LAPIC, &s->lapic, "KVM_SET_LAPIC");
+    if (ioctl(v->fd, KVM_SET_MSRS, s->msrs) != (int)s->msrs->nmsrs) die("KVM_SET_MSRS");
+    v->run->s.regs.regs = s->regs;
+    v->run->s.regs.events = s->events;
+    if (staged_sregs) v->run->s.regs.sregs = s->sregs;
+    v->run->kvm_dirty_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS | (staged_sregs ? KVM_SYNC_X86_SREGS : 0);
+}
+
+static void run_to_done(struct vcpu *v, int input) {
+    for (;;) {
+        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            die("KVM_RUN");
+        }
+        if (v->run->exit_reason != KVM_EXIT_IO) {
+            fprintf(stderr, "kvmbench: fuzz: unexpected exit %u\n", v->run->exit_reason);
+            exit(1);
+        }
+        unsigned char *data = (unsigned char *)v->run + v->run->io.data_offset;
+        if (v->run->io.port == DONE_PORT) return;
+        if (v->run->io.port == INPUT_PORT && v->run->io.direction == KVM_EXIT_IO_IN) *data = input;
+    }
+}
+
+static void case_fuzz(int iters) {
+    struct vm *vm = vm_create_flags(1, FUZZ_MEM, 1, KVM_MEM_LOG_DIRTY_PAGES);
+    struct vcpu *v = &vm->vcpus[0];
+    set_regs(v, 1);
+    struct kvm_mp_state mp = {.mp_state = KVM_MP_STATE_RUNNABLE};
+    xioctl(v->fd, KVM_SET_MP_STATE, &mp, "KVM_SET_MP_STATE");
+    static struct saved s;
+    save(vm, &s);
+    struct kvm_dirty_log log = {.slot = 0, .dirty_bitmap = dirty_bitmap};
+    xioctl(vm->fd, KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG"); /* dirty from here on */
+    double in_reset = 0;
+    double t0 = now();
+    for (int i = 0; i < iters; i++) {
+        run_to_done(v, i & 0xff);
+        double r0 = now();
+        reset(vm, &s);
+        in_reset += now() - r0;
+    }
+    double elapsed = now() - t0;
+    struct kvm_regs regs = s.regs;
+    double best = 1e9;
+    for (int i = 0; i < 200; i++) {
+        double r0 = now();
+        xioctl(v->fd, KVM_SET_REGS, &regs, "KVM_SET_REGS");
+        double d = now() - r0;
+        if (d < best) best = d;
+    }
+    printf("EXECS %.2f\nRESET %.3f\nSETREGS %.3f\n", iters / elapsed, in_reset / iters * 1e6, best * 1e6);
+    vm_close(vm);
+}
+
 static void case_memcpy(long mib, int reps) {
     size_t size = (size_t)mib << 20;
     unsigned char *a = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -451,6 +592,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(c, "lifecycle") && argc == 5) case_lifecycle(atoi(argv[3]), atoi(argv[4]));
     else if (!strcmp(c, "scaling") && argc == 4) case_scaling(atoi(argv[3]));
     else if (!strcmp(c, "latency") && argc == 4) case_latency(atoi(argv[3]));
+    else if (!strcmp(c, "fuzz") && argc == 4) case_fuzz(atoi(argv[3]));
     else { fprintf(stderr, "kvmbench: bad arguments\n"); return 2; }
     fflush(stdout);
     return 0;

@@ -1,9 +1,11 @@
 """A snapshot fuzzer's loop on kvmlib, then the same VM saved to disk and restored.
 
 The guest reads an input byte the host writes into its memory, scribbles over as many pages as the
-byte says, and reports DONE. The harness snapshots the VM once it waits for input, then for each
-input: writes it, resumes, waits for DONE, pauses, and resets to the snapshot, which copies back
-only the pages the guest (or the harness) dirtied. Run it with
+byte says, and reports DONE. The harness runs the guest inline (on its own thread, until a port
+says stop) to the point where it waits for input and snapshots it there, then for each input:
+writes it, runs the guest inline until DONE, and resets to the snapshot, which copies back only
+the pages the guest (or the harness) dirtied. The snapshot saved to disk is then restored and run
+with the usual vCPU threads. Run it with
 ``python docs/examples/snapshot_fuzz.py SNAPSHOT_DIR``.
 """
 
@@ -14,7 +16,17 @@ import sys
 import threading
 from pathlib import Path
 
-from kvmlib import GuestAddress, GuestMemoryMmap, IoManager, Kvm, KvmVm, PioRange, VmConfig
+from kvmlib import (
+    GuestAddress,
+    GuestMemoryMmap,
+    IoManager,
+    Kvm,
+    KvmVm,
+    PioRange,
+    StopReason,
+    VmConfig,
+)
+from kvmlib.arch.x86_64.regs import BootState
 from kvmlib.exit_handler import EventExitHandler
 from kvmlib.snapshot import restore_snapshot, save_snapshot
 
@@ -41,17 +53,20 @@ GUEST = bytes([
 
 
 class Ports:
-    """READY and DONE: the harness waits on them."""
+    """READY and DONE: each ends an inline run, and sets an event for the threaded one."""
 
     def __init__(self) -> None:
         self.ready = threading.Event()
         self.done = threading.Event()
+        self.vm: KvmVm | None = None
 
     def pio_read(self, base: int, offset: int, data: memoryview) -> None:
         data[:] = bytes(len(data))
 
     def pio_write(self, base: int, offset: int, data: memoryview) -> None:
         (self.ready if base == READY_PORT else self.done).set()
+        if self.vm is not None:
+            self.vm.stop_inline()  # a no-op unless the guest runs inline
 
 
 def bus_for(ports: Ports) -> IoManager:
@@ -67,17 +82,17 @@ def fuzz(kvm: Kvm, snapshot_dir: Path) -> None:
         memory.write(CODE, GUEST)
         with KvmVm.new(kvm, VmConfig.from_kvm(kvm, 1), memory, EventExitHandler(),
                        bus_for(ports)) as vm:
-            vm.run(CODE)
-            ports.ready.wait(10)
-            vm.pause()
+            ports.vm = vm
+            vm.load_boot_state(BootState.long_mode(CODE))
+            # The guest runs on this thread until a port says stop: no vCPU thread, no pause.
+            assert vm.run_inline(timeout=10).reason is StopReason.REQUESTED  # READY
             with vm.snapshot() as snap:
                 pristine = memory.read(0, 4 << 20)
                 for case in (3, 0, 200, 17):
                     memory.write(INPUT, bytes([case, 1]))  # hand the input in
+                    result = vm.run_inline(timeout=10)     # until DONE
+                    assert result.reason is StopReason.REQUESTED and ports.done.is_set()
                     ports.done.clear()
-                    vm.resume()
-                    ports.done.wait(10)
-                    vm.pause()
                     copied = vm.reset_to(snap)
                     assert memory.read(0, 4 << 20) == pristine
                     print(f"input {case:3}: reset copied back {copied} pages")

@@ -78,14 +78,17 @@ from kvmlib.vm import KvmVm, Vm, VmConfig
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from kvmlib.migration import MigrationError, MigrationStats, migrate, receive
     from kvmlib.snapshot import load_snapshot, restore_snapshot, save_snapshot
     from kvmlib.vmm import Vmm, VmmConfig
 
-# Imported on first use: the VMM and snapshot files bring in what most users of the VM layer never
+# Imported on first use: the VMM, snapshot files and migration bring in what most users of the VM layer never
 # need (terminal handling, hashing, JSON, a thread pool).
 _LAZY = {
     "Vmm": "kvmlib.vmm", "VmmConfig": "kvmlib.vmm", "load_snapshot": "kvmlib.snapshot",
     "restore_snapshot": "kvmlib.snapshot", "save_snapshot": "kvmlib.snapshot",
+    "migrate": "kvmlib.migration", "receive": "kvmlib.migration",
+    "MigrationError": "kvmlib.migration", "MigrationStats": "kvmlib.migration",
 }
 
 
@@ -139,6 +142,8 @@ __all__ = [
     "KvmVm",
     "LifecycleState",
     "MemoryImage",
+    "MigrationError",
+    "MigrationStats",
     "MmioDevice",
     "MmioRange",
     "MmioRead",
@@ -175,6 +180,8 @@ __all__ = [
     "X86Wrmsr",
     "__version__",
     "load_snapshot",
+    "migrate",
+    "receive",
     "restore_snapshot",
     "save_snapshot",
     "setup_signal_handler",

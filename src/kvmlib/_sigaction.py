@@ -17,6 +17,8 @@ import ctypes
 import os
 from ctypes import POINTER, Structure, Union, c_int, c_ulong, c_void_p
 
+from kvmlib._platform import libc
+
 #: ``SIG_DFL`` and ``SIG_IGN`` as the raw handler values :func:`signal_disposition` returns.
 SIG_DFL = 0
 SIG_IGN = 1
@@ -52,7 +54,7 @@ class sigaction(Structure):
 GLIBC_STRUCTS: tuple[type[Structure], ...] = (sigaction,)
 
 # An own handle: the prototype set here must not clash with one another module sets on sigaction.
-_libc_sigaction = ctypes.CDLL(None, use_errno=True).sigaction
+_libc_sigaction = libc().sigaction
 _libc_sigaction.argtypes = (c_int, POINTER(sigaction), POINTER(sigaction))
 _libc_sigaction.restype = c_int
 

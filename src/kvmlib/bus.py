@@ -8,6 +8,7 @@ and the entries) that registration replaces in one assignment.
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
@@ -15,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 from kvmlib.errors import KvmError
+
+log = logging.getLogger(__name__)
 
 
 class BusError(KvmError):
@@ -189,6 +192,7 @@ class IoManager:
         self.unclaimed_pio_writes = 0
         self.unclaimed_mmio_reads = 0
         self.unclaimed_mmio_writes = 0
+        self._unclaimed_ports: set[int] = set()
 
     def register_pio(self, rng: PioRange, device: PioDevice) -> None:
         """Attach ``device`` to the ports of ``rng``; BusError if they overlap another range."""
@@ -255,7 +259,7 @@ class IoManager:
         """Dispatch a guest ``in``; True if a device answered, else ``data`` is all ones."""
         entry = self.pio_handlers.get(port)
         if entry is None or port + len(data) > entry[1]:
-            self.unclaimed_read(data)
+            self.unclaimed_read_at(port, len(data), data)
             return False
         entry[2](entry[0], port - entry[0], data)
         return True
@@ -264,7 +268,7 @@ class IoManager:
         """Dispatch a guest ``out``; True if a device took it, else it is dropped."""
         entry = self.pio_handlers.get(port)
         if entry is None or port + len(data) > entry[1]:
-            self.unclaimed_pio_writes += 1
+            self.unclaimed_write(port, len(data), data)
             return False
         entry[3](entry[0], port - entry[0], data)
         return True
@@ -276,11 +280,22 @@ class IoManager:
 
     def unclaimed_read_at(self, port: int, size: int, data: memoryview) -> None:
         """:meth:`unclaimed_read`, called as a device would be (for the vCPU loop's dispatch)."""
+        if port not in self._unclaimed_ports:
+            self._first_unclaimed(port, "read")
         self.unclaimed_read(data)
 
     def unclaimed_write(self, port: int, size: int, data: memoryview) -> None:
         """Drop a port write no device claims (counted), called as a device would be."""
         self.unclaimed_pio_writes += 1
+        if port not in self._unclaimed_ports:
+            self._first_unclaimed(port, "write")
+
+    def _first_unclaimed(self, port: int, what: str) -> None:
+        # Once per port (at most 65536 of them, whatever the guest does): a guest probing for
+        # hardware touches many ports, and a missing device shows here first.
+        self._unclaimed_ports.add(port)
+        log.debug("no device at port %#x: the guest's %s is %s (logged once per port)", port,
+                  what, "answered with all ones" if what == "read" else "dropped")
 
     def mmio_read(self, addr: int, data: memoryview) -> bool:
         """Dispatch a guest MMIO load; True if a device answered, else ``data`` is all ones."""

@@ -135,7 +135,14 @@ class Directory:
 
 
 @attrs.define(frozen=True, slots=True)
-class CharDevice:
+class _DeviceNode:
+    major: int = attrs.field(converter=_device_number)
+    minor: int = attrs.field(converter=_device_number)
+    mode: int = attrs.field(default=0o600, converter=_mode)
+
+
+@attrs.define(frozen=True, slots=True)
+class CharDevice(_DeviceNode):
     """A character device node, such as ``CharDevice(5, 1)`` for ``/dev/console``.
 
     Attributes:
@@ -144,24 +151,10 @@ class CharDevice:
         mode: permission bits.
     """
 
-    major: int = attrs.field(converter=_device_number)
-    minor: int = attrs.field(converter=_device_number)
-    mode: int = attrs.field(default=0o600, converter=_mode)
-
 
 @attrs.define(frozen=True, slots=True)
-class BlockDevice:
-    """A block device node.
-
-    Attributes:
-        major: the device's major number.
-        minor: the device's minor number.
-        mode: permission bits.
-    """
-
-    major: int = attrs.field(converter=_device_number)
-    minor: int = attrs.field(converter=_device_number)
-    mode: int = attrs.field(default=0o600, converter=_mode)
+class BlockDevice(_DeviceNode):
+    """A block device node (attributes as :class:`CharDevice`'s)."""
 
 
 @attrs.define(frozen=True, slots=True)

@@ -159,7 +159,7 @@ class Lifecycle:
                 raise
             finally:
                 self._threads = tuple(started)
-        log.debug("started %d vCPU threads", len(started))
+        log.info("VM running: %d vCPU thread(s) started", len(started))
 
     def _vcpu_thread(self, vcpu: Vcpu, address: GuestAddress | None) -> None:
         ident = threading.get_ident()
@@ -169,8 +169,12 @@ class Lifecycle:
             try:
                 vcpu.run(address)
             except BaseException as e:
-                log.debug("vCPU %d failed", vcpu.id, exc_info=True)
+                log.debug("vCPU %d thread ended: it failed", vcpu.id, exc_info=True)
                 self._errors.append((vcpu.id, e))
+            else:
+                stopped = getattr(vcpu, "exit_reason", None)
+                log.debug("vCPU %d thread ended: %s", vcpu.id, f"the guest stopped ({stopped!r})"
+                          if stopped is not None else "the VM is stopping")
             try:
                 self.exit_handler.kick()
             except BaseException as e:
@@ -220,9 +224,11 @@ class Lifecycle:
         with rs.condition:
             if rs.condition.wait_for(lambda: rs.lifecycle is not _PG, timeout):
                 if rs.pauses != pauses:
+                    log.info("VM paused: every vCPU parked")
                     return
                 raise VmError(f"the VM became {rs.lifecycle.value} before every vCPU had parked")
             rs.move(_R)
+            log.info("pause timed out after %s s; the VM runs on", timeout)
             raise VmError(f"pause() timed out after {timeout} s with {rs.running_vcpus} vCPU(s) "
                           "still running (is a device handler blocking?); the VM runs on")
 
@@ -237,6 +243,7 @@ class Lifecycle:
         with self._ops, rs.condition:
             if rs.require(CALLS["resume"], "resume") is _PD:
                 rs.move(_R)
+                log.info("VM resumed")
 
     # ---- stop -----------------------------------------------------------------------------------
 
@@ -263,6 +270,8 @@ class Lifecycle:
         for thread in threads:
             thread.join()
         self._stopped()
+        if threads:
+            log.info("VM shut down: %d vCPU thread(s) joined", len(threads))
         self._raise_errors()
 
     def _stopped(self) -> None:
@@ -341,13 +350,17 @@ class Lifecycle:
 class Watchdog:
     """Calls a function once a deadline passes, unless disarmed first; one thread, reused.
 
-    For timeouts of inline runs: arming and disarming are a lock and a notify, not a thread.
-    :meth:`close` ends the thread.
+    For timeouts of inline runs: arming and disarming take a lock and, only when the new
+    deadline comes before the one the thread sleeps towards, wake it; a fuzzer arming the same
+    timeout thousands of times a second wakes it about once per timeout. :meth:`close` ends the
+    thread.
     """
 
     def __init__(self, name: str) -> None:
         self._cond = threading.Condition()
         self._deadline: float | None = None
+        # When the thread will look again by itself (inf: only when notified).
+        self._wakes_at = float("inf")
         self._action: Callable[[], None] | None = None
         self._generation = 0
         self._closed = False
@@ -357,17 +370,18 @@ class Watchdog:
     def arm(self, timeout: float, action: Callable[[], None]) -> None:
         """Call ``action`` (on the watchdog's thread) ``timeout`` seconds from now."""
         with self._cond:
-            self._deadline = time.monotonic() + timeout
+            self._deadline = deadline = time.monotonic() + timeout
             self._action = action
             self._generation += 1
-            self._cond.notify_all()
+            if deadline < self._wakes_at:
+                self._cond.notify_all()
 
     def disarm(self) -> None:
         """Forget the pending action, if it has not run yet."""
         with self._cond:
+            # No wake-up: the thread finds nothing due when its current wait ends.
             self._deadline = self._action = None
             self._generation += 1
-            self._cond.notify_all()
 
     def close(self) -> None:
         """End the thread (joined); idempotent."""
@@ -382,10 +396,12 @@ class Watchdog:
             while not self._closed:
                 deadline, generation = self._deadline, self._generation
                 if deadline is None:
+                    self._wakes_at = float("inf")
                     self._cond.wait()
                     continue
                 left = deadline - time.monotonic()
                 if left > 0:
+                    self._wakes_at = deadline
                     self._cond.wait(left)
                     continue
                 action = self._action

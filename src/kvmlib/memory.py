@@ -96,6 +96,7 @@ class GuestRegionMmap:
         self._host_dirty = 0
         # The address is read once from a temporary export, which is then dropped so close() works.
         holder = ctypes.c_char.from_buffer(mapping)
+        #: The host virtual address of the region's first byte (what a KVM memory slot is given).
         self.host_address: int = ctypes.addressof(holder)
         del holder
 

@@ -84,6 +84,7 @@ from typing import Any, NoReturn
 import attrs
 from typing_extensions import Buffer
 
+from kvmlib._platform import libc
 from kvmlib.bus import IoManager
 from kvmlib.dirty import DirtyBitmap
 from kvmlib.errors import KvmError
@@ -380,7 +381,7 @@ class _Channel:
 
 # ---- zero detection -------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = libc()
 _memcmp = _libc.memcmp
 _memcmp.restype = ctypes.c_int
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]

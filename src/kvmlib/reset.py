@@ -139,7 +139,7 @@ class FastReset:
         """
         if self._synced is not snapshot or not self._tracker.tracking(RESET_DIRTY_CURSOR):
             return None
-        return {d.slot: d.runs() for d in self._tracker.take(RESET_DIRTY_CURSOR)}
+        return self._tracker.take_runs(RESET_DIRTY_CURSOR)
 
     def copy_back(self, snapshot: VmSnapshot, memory: GuestMemoryMmap,
                   dirty: dict[int, list[tuple[int, int]]] | None) -> int:

@@ -33,9 +33,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import stat
@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import attrs
 
+from kvmlib._platform import LOCK_EX, LOCK_NB, flock, libc
 from kvmlib.bus import IoManager
 from kvmlib.errors import GuestMemoryError, SnapshotError
 from kvmlib.exit_handler import ExitHandler
@@ -72,7 +73,8 @@ _IO_BLOCK = 8 << 20
 
 MemoryMode = Literal["read", "mmap"]
 
-_libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
+_libc = libc()
 _memcmp = _libc.memcmp
 _memcmp.restype = ctypes.c_int
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -205,7 +207,9 @@ def save_snapshot(vm: KvmVm, path: str | os.PathLike[str], *,
     with _os_errors(f"{target} was written, but making its rename durable failed (it may not "
                     f"survive a crash): syncing {target.parent}"):
         _fsync_dir(target.parent)
-    return read_manifest(target)
+    saved = read_manifest(target)
+    log.info("%s snapshot saved to %s", saved.kind, target)
+    return saved
 
 
 @contextlib.contextmanager
@@ -260,7 +264,7 @@ def _try_lock(fd: int, *, wait: bool = False) -> bool | None:
     False if another holds it, None if the file system cannot lock it (NFS cannot lock a directory).
     """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        flock(fd, LOCK_EX | (0 if wait else LOCK_NB))
     except BlockingIOError:
         return False
     except OSError:
@@ -794,6 +798,8 @@ def restore_snapshot(kvm: Kvm, path: str | os.PathLike[str], exit_handler: ExitH
     except BaseException:
         loaded.close()
         raise
+    log.info("VM restored from the snapshot %s (memory by %s%s)", path, mode,
+             ", verified" if verify else "")
     return vm, loaded.memory
 
 

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 from typing_extensions import Unpack
 
+from kvmlib._platform import SIGRTMIN
 from kvmlib._sigaction import SIG_DFL, SIG_IGN, signal_disposition
 from kvmlib.arch.x86_64.cpuid import (
     CpuidEntry,
@@ -51,6 +52,7 @@ from kvmlib.ioctl import (
     Kvm,
     MmioRead,
     MmioWrite,
+    PreparedIoctl,
     RegsFields,
     Shutdown,
     SregsFields,
@@ -64,7 +66,6 @@ from kvmlib.ioctl import (
     kvm_guest_debug,
     kvm_lapic_state,
     kvm_mp_state,
-    kvm_msrs,
     kvm_regs,
     kvm_sregs,
     kvm_vcpu_events,
@@ -82,10 +83,17 @@ from kvmlib.state import VcpuState
 log = logging.getLogger(__name__)
 
 #: The signal that kicks a vCPU thread out of KVM_RUN (``SIGRTMIN + 0``, as in vmm-reference).
-VCPU_KICK_SIGNAL = signal.SIGRTMIN
+VCPU_KICK_SIGNAL = SIGRTMIN
 
 #: The MP table (and so an x86 VM) addresses at most this many vCPUs.
 MAX_VCPUS = 254
+
+
+# signal.getsignal wraps the answer in an enum (an exception for every function handler, ~2 µs);
+# _signal's is the same look-up without it.
+_raw_getsignal: Callable[[int], object] = getattr(getattr(signal, "_signal", signal), "getsignal",
+                                                  signal.getsignal)
+_KICK_SIGNUM = int(VCPU_KICK_SIGNAL)
 
 
 def _kick_handler(signum: int, frame: FrameType | None) -> None:
@@ -102,6 +110,9 @@ def setup_signal_handler() -> None:
     ``sigaction`` itself, which also sees handlers installed by C code (``signal.getsignal`` does
     not).
     """
+    # Our own handler, still in place: no system call (inline runs check this every time).
+    if _raw_getsignal(_KICK_SIGNUM) is _kick_handler:
+        return
     if signal_disposition(VCPU_KICK_SIGNAL) not in (SIG_DFL, SIG_IGN):
         return
     if threading.current_thread() is not threading.main_thread():
@@ -277,6 +288,11 @@ class KvmVcpu:
         # Why run_inline() should return, once asked (None: not asked).
         self._stop_requested: StopReason | None = None
         self._thread_ident: int | None = None
+        # What the loop calls for each port exit seen, and the bus table it was worked out from.
+        self._pio_targets: dict[int, _PioTarget] = {}
+        self._targets_for: object = None
+        # The thread in run_inline(), if one is: a stop asked from it needs no kick.
+        self._inline_ident: int | None = None
         self.vcpu_fd = vm_fd.create_vcpu(config.id)
         # Registers, special registers and events staged in kvm_run instead of three ioctls.
         self._sync_regs = vm_fd.check_extension(Cap.KVM_CAP_SYNC_REGS) & _SYNC_ALL == _SYNC_ALL
@@ -426,18 +442,31 @@ class KvmVcpu:
         fd.set_vcpu_events(kvm_vcpu_events.from_buffer_copy(state.vcpu_events))
 
     def plan_reset(self, state: VcpuState) -> VcpuResetPlan:
-        """Prepare :meth:`reset` to ``state``: every structure built once, for many resets."""
+        """Prepare :meth:`reset` to ``state``: every structure built and checked once."""
         if state.id != self.id:
             raise VmError(f"the state of vCPU {state.id} cannot be given to vCPU {self.id}")
+        fd = self.vcpu_fd
         xsave: kvm_xsave | bytearray = bytearray(state.xsave) if len(
             state.xsave) > ctypes.sizeof(kvm_xsave) else kvm_xsave.from_buffer_copy(state.xsave)
         sregs = kvm_sregs.from_buffer_copy(state.sregs)
+        # Not restored: CPUID. Only KVM_SET_CPUID2 from user space changes it, never the guest,
+        # and setting it again is the most expensive vCPU ioctl there is.
+        # MP state first (halting, INIT and SIPI change it), before the registers as in
+        # restore_state. Then the FPU/SSE/AVX state, XCR0 (XSETBV), the debug registers (MOV DR),
+        # the LAPIC (timer, TPR, interrupts in service) and the MSRs (WRMSR, the TSC ticking):
+        # all guest-writable. LAPIC before MSRs: the TSC-deadline MSR is dropped unless the timer
+        # is in that mode.
+        rest = (
+            fd.prepare_set("xsave", xsave),
+            fd.prepare_set("xcrs", kvm_xcrs.from_buffer_copy(state.xcrs)),
+            fd.prepare_set("debugregs", kvm_debugregs.from_buffer_copy(state.debugregs)),
+            fd.prepare_set("lapic", kvm_lapic_state.from_buffer_copy(state.lapic)),
+            fd.prepare_set("msrs", make_kvm_msrs(state.msrs)),
+        )
+        mp_state = fd.prepare_set("mp_state", kvm_mp_state(state.mp_state))
         return VcpuResetPlan(
-            state=state, mp_state=kvm_mp_state(state.mp_state), sregs=sregs, xsave=xsave,
-            xcrs=kvm_xcrs.from_buffer_copy(state.xcrs),
-            debugregs=kvm_debugregs.from_buffer_copy(state.debugregs),
-            lapic=kvm_lapic_state.from_buffer_copy(state.lapic), msrs=make_kvm_msrs(state.msrs),
-            apic_base=sregs.apic_base)
+            state=state, apic_base=sregs.apic_base, staged_sregs=(mp_state, *rest),
+            with_sregs=(mp_state, fd.prepare_set("sregs", sregs), *rest))
 
     def reset(self, plan: VcpuResetPlan) -> None:
         """Put the vCPU back in ``plan``'s state, restoring only what can have changed since.
@@ -449,24 +478,11 @@ class KvmVcpu:
         """
         fd = self.vcpu_fd
         state = plan.state
-        # Not restored: CPUID. Only KVM_SET_CPUID2 from user space changes it, never the guest,
-        # and setting it again is the most expensive vCPU ioctl there is.
-        # MP state: halting, INIT and SIPI change it. Before the registers, as in restore_state.
-        fd.set_mp_state(plan.mp_state)
-        # Special registers now when the APIC base (its mode: xAPIC or x2APIC) differs from the
-        # saved one: the LAPIC state below is read in the format of the current mode. kvm_run
+        # Special registers by ioctl when the APIC base (its mode: xAPIC or x2APIC) differs from
+        # the saved one: the LAPIC state is read in the format of the current mode. kvm_run
         # reports the current base after every exit, so comparing costs no ioctl.
         staged_sregs = self._sync_regs and fd.kvm_run.apic_base == plan.apic_base
-        if not staged_sregs:
-            fd.set_sregs(plan.sregs)
-        # The FPU/SSE/AVX state, XCR0 (XSETBV), the debug registers (MOV DR), the LAPIC (timer,
-        # TPR, interrupts in service) and the MSRs (WRMSR, the TSC ticking): all guest-writable.
-        fd.set_xsave(plan.xsave)
-        fd.set_xcrs(plan.xcrs)
-        fd.set_debugregs(plan.debugregs)
-        # LAPIC before MSRs: the TSC-deadline MSR is dropped unless the timer is in that mode.
-        fd.set_lapic(plan.lapic)
-        fd.set_msrs(plan.msrs)
+        fd.issue(plan.staged_sregs if staged_sregs else plan.with_sregs)
         # Registers, and events last (setting registers clears pending exceptions): staged, KVM
         # applies them in that order at the next KVM_RUN.
         if self._sync_regs:
@@ -521,13 +537,14 @@ class KvmVcpu:
         called (by a device, the exit handler or another thread), when the guest stops, or when
         the VM begins stopping; an error or a device's exception is raised here.
         """
+        ident = threading.get_ident()
         with self._kick_lock:
-            self._thread_ident = threading.get_ident()
+            self._thread_ident = self._inline_ident = ident
         try:
             return self._loop(inline=True) or InlineResult(StopReason.VM_STOPPING, None)
         finally:
             with self._kick_lock:
-                self._thread_ident = None
+                self._thread_ident = self._inline_ident = None
             self._stop_requested = None
 
     def clear_stop(self) -> None:
@@ -538,12 +555,13 @@ class KvmVcpu:
     def stop_inline(self, reason: StopReason = StopReason.REQUESTED) -> None:
         """Make :meth:`run_inline` return soon with ``reason``; from any thread, never blocks.
 
-        From a device or the exit handler (on the running thread) it costs one KVM_RUN that
-        returns at once; from another thread, a kick.
+        From a device or the exit handler (on the running thread) it costs nothing more: the loop
+        looks after every exit it hands out. From another thread it is a kick.
         """
         if self._stop_requested is None:
             self._stop_requested = reason
-        self.kick()
+        if self._inline_ident != threading.get_ident():
+            self.kick()
 
     def feed_exit(self, exit_: VcpuExit) -> None:
         """Queue an exit for the vCPU loop to handle before its next KVM_RUN, as if KVM returned it.
@@ -570,9 +588,14 @@ class KvmVcpu:
         # Skip the call per exit when the handler keeps the default (handles nothing).
         handle_exit = None if owner is None or type(owner).handle_exit is ExitHandler.handle_exit \
             else owner.handle_exit
-        targets: dict[int, _PioTarget] = {}
+        # Kept across runs (an inline run is one short call per fuzz execution), and dropped
+        # whenever devices come or go.
+        targets = self._pio_targets
         exit_io = KVM_EXIT_IO
         handlers = bus.pio_handlers
+        if self._targets_for is not handlers:
+            targets.clear()
+            self._targets_for = handlers
         while True:
             if fed:
                 exit_ = fed.popleft()
@@ -588,21 +611,27 @@ class KvmVcpu:
                         target = targets.get(u32[8] | u32[9] << 32 | u64[5] << 64)
                         if target is not None and handlers is bus.pio_handlers:
                             target[0](target[1], target[2], target[3])
+                            if inline and self._stop_requested is not None:
+                                return InlineResult(self._stop_requested, None)
                             continue
                     exit_ = current_exit()
                     if type(exit_) is IoOut or type(exit_) is IoIn:
                         if handlers is not bus.pio_handlers:  # devices came or went
-                            handlers = bus.pio_handlers
+                            handlers = self._targets_for = bus.pio_handlers
                             targets.clear()
                         target = self._pio_target(exit_)
                         if target is not None:
                             if len(targets) < _PIO_TARGETS_CACHED:
                                 targets[io_exit_key(*_io_words(vcpu_fd))] = target
                             target[0](target[1], target[2], target[3])
+                            if inline and self._stop_requested is not None:
+                                return InlineResult(self._stop_requested, None)
                             continue
             done = self._handle(exit_, handle_exit, inline)
             if done:
                 return done if isinstance(done, InlineResult) else None
+            if inline and self._stop_requested is not None:
+                return InlineResult(self._stop_requested, None)
 
     def _pio_target(self, exit_: IoIn | IoOut) -> _PioTarget | None:
         """What a single port access calls, and with what; None for string I/O.
@@ -716,14 +745,12 @@ class VcpuResetPlan:
     """
 
     state: VcpuState
-    mp_state: kvm_mp_state
-    sregs: kvm_sregs
-    xsave: kvm_xsave | bytearray
-    xcrs: kvm_xcrs
-    debugregs: kvm_debugregs
-    lapic: kvm_lapic_state
-    msrs: kvm_msrs
+    #: The special registers' APIC base: when the vCPU's differs, sregs cannot be staged.
     apic_base: int
+    #: The ioctls of a reset that stages the special registers in ``kvm_run``.
+    staged_sregs: tuple[PreparedIoctl, ...]
+    #: The same with KVM_SET_SREGS after the MP state.
+    with_sregs: tuple[PreparedIoctl, ...]
 
 
 #: What a single port access calls: ``(device method, base, offset, data)``.

@@ -204,7 +204,13 @@ class KvmVm(Closeable):
         except BaseException:
             vm.close()
             raise
+        vm._log_created("created")
         return vm
+
+    def _log_created(self, how: str) -> None:
+        memory = self.guest_memory
+        log.info("VM %s: %d vCPU(s), %d MiB of guest memory in %d slot(s)", how,
+                 len(self._vcpus), sum(r.size for r in memory.regions) >> 20, len(memory.regions))
 
     @classmethod
     def from_state(cls, kvm: Kvm, state: VmState, guest_memory: GuestMemoryMmap,
@@ -235,6 +241,7 @@ class KvmVm(Closeable):
         except BaseException:
             vm.close()
             raise
+        vm._log_created("restored from a saved state")
         return vm
 
     @classmethod
@@ -268,6 +275,10 @@ class KvmVm(Closeable):
         for slot, region in enumerate(regions):
             self.fd.set_user_memory_region(slot, int(region.start_addr), region.size,
                                            region.host_address, region.flags)
+            log.debug("memory slot %d: guest %#x-%#x at host %#x%s%s", slot,
+                      int(region.start_addr), region.end - 1, region.host_address,
+                      ", read-only" if region.read_only else "",
+                      ", logging dirty pages" if region.log_dirty_pages else "")
         self.dirty_tracker.start(USER_DIRTY_CURSOR)
 
     def _create_irqchip(self) -> None:
@@ -290,8 +301,8 @@ class KvmVm(Closeable):
                                        self.exit_handler))
         self._life.attach(self._vcpus)
 
-    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytes:
-        return bytes(self.fd.get_dirty_log(slot))
+    def _fetch_dirty_log(self, slot: int, region: GuestRegionMmap) -> bytearray:
+        return self.fd.get_dirty_log(slot)
 
     def dirty_pages(self) -> list[DirtyBitmap]:
         """The pages written since the previous call (or since the VM was created).
@@ -339,7 +350,9 @@ class KvmVm(Closeable):
         so that resetting to this snapshot copies back only those.
         """
         with self._life.holding("save", "take a snapshot"):
-            return self._fast_reset.capture(self.save_state(), self.guest_memory)
+            snapshot = self._fast_reset.capture(self.save_state(), self.guest_memory)
+        log.debug("in-memory snapshot taken")
+        return snapshot
 
     def reset_to(self, snapshot: VmSnapshot, *, timings: ResetTimings | None = None) -> int:
         """Put memory, vCPUs, in-kernel devices and bus devices back to ``snapshot``, while paused.
@@ -390,6 +403,7 @@ class KvmVm(Closeable):
                 timings.vcpus += t4 - t3
                 timings.devices += t5 - t4
                 timings.resets += 1
+            log.debug("reset to a snapshot: %d page(s) copied back", copied)
             return copied
 
     def _check_snapshot(self, snapshot: VmSnapshot) -> None:

@@ -50,6 +50,7 @@ from kvmlib.ioctl.exits import (
     decode_exit,
 )
 from kvmlib.ioctl.fd import (
+    PreparedIoctl,
     run_ioctl,
 )
 from kvmlib.ioctl.numbers import (
@@ -223,6 +224,7 @@ from kvmlib.ioctl.system import (
 )
 from kvmlib.ioctl.vcpu import (
     VcpuFd,
+    VcpuSetter,
     io_exit_key,
 )
 from kvmlib.ioctl.vm import (
@@ -365,6 +367,7 @@ __all__ = [
     "Kvm",
     "MmioRead",
     "MmioWrite",
+    "PreparedIoctl",
     "RegsFields",
     "Shutdown",
     "SregsFields",
@@ -374,6 +377,7 @@ __all__ = [
     "Unknown",
     "VcpuExit",
     "VcpuFd",
+    "VcpuSetter",
     "VmFd",
     "X86Rdmsr",
     "X86Wrmsr",

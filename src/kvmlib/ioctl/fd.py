@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
-import fcntl
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ctypes import c_uint64, sizeof
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from typing import Union as TUnion
 
+from kvmlib._platform import ioctl, libc
 from kvmlib.errors import ClosedError, KernelBufferError, KvmIoctlError
 from kvmlib.ioctl.numbers import (
     _IOC_SIZEBITS,
@@ -26,7 +26,7 @@ from kvmlib.resources import Closeable
 # --------------------------------------------------------------------------------------------------
 _Buf = TUnion[KernelStruct, KernelUnion, "ctypes.Array[Any]", "ctypes._SimpleCData[Any]", bytearray]
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = libc()
 _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc_ioctl.restype = ctypes.c_int
@@ -34,7 +34,7 @@ _libc_ioctl.restype = ctypes.c_int
 #: Python can make to ioctl(2) (it skips trying the argument as a buffer, and ctypes' argument
 #: conversion), and it releases the GIL for as long as the guest runs. EINTR comes back as an
 #: OSError: fcntl.ioctl does not retry it, so a kick reaches the caller.
-run_ioctl = fcntl.ioctl
+run_ioctl = ioctl
 
 
 _T = TypeVar("_T", bound=KernelStruct)
@@ -47,6 +47,35 @@ _BIG_ENOUGH: set[tuple[type, int]] = set()
 
 def _buffer_size(buf: _Buf) -> int:
     return len(buf) if isinstance(buf, bytearray) else sizeof(buf)
+
+
+def _check_size(name: str, request: int, buf: _Buf) -> None:
+    # The size encoded in the request is what the kernel copies for a fixed-size argument, and
+    # the header it reads first for a variable one: a smaller buffer would be overrun.
+    kind = type(buf)
+    if (kind, request) not in _BIG_ENOUGH:
+        need = (request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK
+        have = _buffer_size(buf)
+        if have < need:
+            raise KernelBufferError(f"{name} needs a buffer of at least {need} bytes, not {have}")
+        if kind is not bytearray:  # a ctypes type's size is fixed: check it once
+            _BIG_ENOUGH.add((kind, request))
+
+
+class PreparedIoctl(NamedTuple):
+    """One ioctl with its argument checked once, to be issued again and again.
+
+    Made by the fd wrappers' ``prepare_*`` methods and issued in order by ``issue``: what a fast
+    reset does with the same structures after every run, without re-checking them each time.
+    """
+
+    #: The request's name, for errors.
+    name: str
+    request: int
+    #: The argument; the kernel reads it when the call is issued, so it may change in between.
+    buffer: _Buf
+    #: What the kernel must return (e.g. how many MSRs it wrote), or -1 for any success.
+    result: int
 
 
 def _enable_cap(cap: int, args: tuple[int, ...], flags: int) -> kvm_enable_cap:
@@ -126,21 +155,36 @@ class _FdOwner(Closeable):
                 raise KvmIoctlError(name, ctypes.get_errno())
         return ret
 
+    def _prepare(self, name: str, request: int, buf: _Buf, result: int = -1) -> PreparedIoctl:
+        _check_size(name, request, buf)
+        return PreparedIoctl(name, request, buf, result)
+
+    def issue(self, calls: Sequence[PreparedIoctl]) -> None:
+        """Issue prepared ioctls in order, under one hold of the lock; stop at the first failure.
+
+        Raises:
+            KvmIoctlError: a call failed (it names which), or returned other than its ``result``.
+            ClosedError: the fd is closed.
+        """
+        call = ioctl
+        with self._lock:
+            fd = self._check_open(calls[0].name if calls else "ioctl")
+            # The hot part of a fast reset: nothing per call but the call and its check.
+            for name, request, buf, result in calls:
+                try:
+                    ret = call(fd, request, buf, True)
+                except OSError as e:
+                    raise KvmIoctlError(name, e.errno or 0) from e
+                if result >= 0 and ret != result:
+                    raise KvmIoctlError(name, _errno.EINVAL,
+                                        f"handled {ret} of the {result} entries given")
+
     def _ioctl_buf(self, name: str, request: int, buf: _Buf) -> int:
-        # The size encoded in the request is what the kernel copies for a fixed-size argument, and
-        # the header it reads first for a variable one: a smaller buffer would be overrun.
-        kind = type(buf)
-        if (kind, request) not in _BIG_ENOUGH:
-            need = (request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK
-            have = _buffer_size(buf)
-            if have < need:
-                raise KernelBufferError(f"{name} needs a buffer of at least {need} bytes, not {have}")
-            if kind is not bytearray:  # a ctypes type's size is fixed: check it once
-                _BIG_ENOUGH.add((kind, request))
+        _check_size(name, request, buf)
         with self._lock:
             fd = self._check_open(name)
             try:
-                ret: int = fcntl.ioctl(fd, request, buf, True)
+                ret: int = ioctl(fd, request, buf, True)
             except OSError as e:
                 raise KvmIoctlError(name, e.errno or 0) from e
         return ret

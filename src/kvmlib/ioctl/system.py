@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from kvmlib._platform import unsupported_platform
 from kvmlib.errors import KvmUnavailableError
 from kvmlib.ioctl.fd import _FdOwner
 from kvmlib.ioctl.numbers import (
@@ -34,6 +35,9 @@ class Kvm(_FdOwner):
     """
 
     def __init__(self, path: str = "/dev/kvm") -> None:
+        unsupported = unsupported_platform()
+        if unsupported is not None:
+            raise KvmUnavailableError(unsupported)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError as e:

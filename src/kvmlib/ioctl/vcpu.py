@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno as _errno
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from ctypes import sizeof
+from typing import Literal
 
 from typing_extensions import Buffer
 
@@ -29,6 +30,8 @@ from kvmlib.ioctl.exits import (
     decode_exit,
 )
 from kvmlib.ioctl.fd import (
+    PreparedIoctl,
+    _Buf,
     _buffer_size,
     _enable_cap,
     _FdOwner,
@@ -109,6 +112,24 @@ def io_exit_key(direction: int, size: int, port: int, count: int, offset: int) -
     data offset.
     """
     return (direction | size << 8 | port << 16) | count << 32 | offset << 64
+
+
+#: The vCPU state :meth:`VcpuFd.prepare_set` prepares a ``KVM_SET_*`` call for.
+VcpuSetter = Literal["mp_state", "regs", "sregs", "fpu", "vcpu_events", "xsave", "xcrs",
+                     "debugregs", "lapic", "msrs"]
+
+_SETTERS: dict[str, tuple[str, int]] = {
+    "mp_state": ("KVM_SET_MP_STATE", KVM_SET_MP_STATE),
+    "regs": ("KVM_SET_REGS", KVM_SET_REGS),
+    "sregs": ("KVM_SET_SREGS", KVM_SET_SREGS),
+    "fpu": ("KVM_SET_FPU", KVM_SET_FPU),
+    "vcpu_events": ("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS),
+    "xsave": ("KVM_SET_XSAVE", KVM_SET_XSAVE),
+    "xcrs": ("KVM_SET_XCRS", KVM_SET_XCRS),
+    "debugregs": ("KVM_SET_DEBUGREGS", KVM_SET_DEBUGREGS),
+    "lapic": ("KVM_SET_LAPIC", KVM_SET_LAPIC),
+    "msrs": ("KVM_SET_MSRS", KVM_SET_MSRS),
+}
 
 
 class VcpuFd(_FdOwner):
@@ -321,7 +342,9 @@ class VcpuFd(_FdOwner):
                                         (events, _SYNC_EVENTS_OFF, _EVENTS_SIZE,
                                          KVM_SYNC_X86_EVENTS)):
             if data is not None:
-                raw = memoryview(data).cast("B")
+                # bytes (what a saved state holds) go in as they are; anything else is viewed as
+                # bytes first (a slice takes only same-format buffers).
+                raw = data if type(data) is bytes else memoryview(data).cast("B")
                 if len(raw) != size:
                     raise KernelBufferError(f"a staged structure is {size} bytes, not {len(raw)}")
                 view[offset:offset + size] = raw
@@ -447,13 +470,35 @@ class VcpuFd(_FdOwner):
         shorter than that (but at least ``struct kvm_xsave``) is zero-extended first, so the kernel
         never reads past it.
         """
+        self._ioctl_buf("KVM_SET_XSAVE", KVM_SET_XSAVE, self._padded_xsave(xsave))
+
+    def _padded_xsave(self, xsave: kvm_xsave | bytearray) -> kvm_xsave | bytearray:
         known = self._xsave2_size
         have = _buffer_size(xsave)
         if known is not None and sizeof(kvm_xsave) <= have < known:
             padded = bytearray(known)
             padded[:have] = bytes(xsave)
-            xsave = padded
-        self._ioctl_buf("KVM_SET_XSAVE", KVM_SET_XSAVE, xsave)
+            return padded
+        return xsave
+
+    def prepare_set(self, what: VcpuSetter, value: _Buf) -> PreparedIoctl:
+        """``KVM_SET_<WHAT>`` with ``value``, checked now, to :meth:`issue` as often as needed.
+
+        ``value`` is the structure the matching ``set_*`` method takes (a ``kvm_msrs`` for
+        ``"msrs"``, which must then all be accepted). The kernel reads it at each issue, so
+        changing it in between changes what is set. Registers staged with
+        :meth:`set_sync_regs` are loaded before a batch is issued, as before any ``set_*``.
+        """
+        name, request = _SETTERS[what]
+        if what == "xsave":
+            value = self._padded_xsave(value)  # type: ignore[arg-type]
+        count = value.nmsrs if isinstance(value, kvm_msrs) else -1
+        return self._prepare(name, request, value, count)
+
+    def issue(self, calls: Sequence[PreparedIoctl]) -> None:
+        """Issue prepared ioctls in order (see :meth:`prepare_set`), after any staged registers."""
+        self._load_staged()
+        super().issue(calls)
 
     def get_xsave2(self, size: int | None = None) -> bytearray:
         """KVM_GET_XSAVE2: the whole XSAVE area, :attr:`xsave2_size` bytes by default.

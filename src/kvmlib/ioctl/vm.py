@@ -75,6 +75,9 @@ class VmFd(_FdOwner):
         self._vcpu_mmap_size = vcpu_mmap_size
         # slot (the full u32: address space << 16 | id) -> memory_size, as the kernel has it.
         self._slot_sizes: dict[int, int] = {}
+        # Per slot, KVM_GET_DIRTY_LOG's argument and the bitmap it points into, built once: a
+        # fast reset reads the log after every run.
+        self._dirty_logs: dict[int, tuple[kvm_dirty_log, bytearray, ctypes.Array[c_char]]] = {}
         self._xsave2_size: int | None = None
 
     def _describe(self) -> str:
@@ -107,6 +110,7 @@ class VmFd(_FdOwner):
                 self._slot_sizes[slot] = memory_size
             else:
                 self._slot_sizes.pop(slot, None)
+            self._dirty_logs.pop(slot, None)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM: turn on ``cap`` with up to four arguments.
@@ -221,17 +225,18 @@ class VmFd(_FdOwner):
                     f"KVM_GET_DIRTY_LOG: memory slot {slot:#x} is registered with {registered:#x} "
                     f"bytes, not the {memory_size:#x} asked for; the kernel writes a bit for every "
                     "page of the registered size")
-            pages = (registered + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            # The kernel writes whole 64-bit words.
-            bitmap = bytearray(((pages + 63) // 64) * 8)
-            holder = (c_char * len(bitmap)).from_buffer(bitmap)
-            arg = kvm_dirty_log(slot=slot)
-            arg.dirty_bitmap = ctypes.addressof(holder)
-            try:
-                self._ioctl_buf("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG, arg)
-            finally:
-                del holder
-        return bitmap
+            cached = self._dirty_logs.get(slot)
+            if cached is None:
+                pages = (registered + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+                # The kernel writes whole 64-bit words.
+                bitmap = bytearray(((pages + 63) // 64) * 8)
+                holder = (c_char * len(bitmap)).from_buffer(bitmap)
+                arg = kvm_dirty_log(slot=slot)
+                arg.dirty_bitmap = ctypes.addressof(holder)
+                cached = self._dirty_logs[slot] = (arg, bitmap, holder)
+            arg, bitmap, _ = cached
+            self._ioctl_buf("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG, arg)
+            return bytearray(bitmap)
 
     @property
     def xsave2_size(self) -> int | None:

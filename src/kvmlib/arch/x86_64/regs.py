@@ -38,7 +38,7 @@ BOOT_STACK_POINTER = 0x8FF0
 PML4_START = 0x9000
 PDPTE_START = 0xA000
 PDE_START = 0xB000
-#: The first guest-physical address past what :func:`setup_sregs` writes.
+#: The first guest-physical address past what :func:`write_boot_tables` writes.
 BOOT_DATA_END = 0xC000
 
 X86_CR0_PE = 1 << 0
