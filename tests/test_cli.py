@@ -375,12 +375,25 @@ def test_signal_handlers_are_installed_for_the_run_only(kernel: Path, kvm: Kvm,
 def test_a_signal_during_the_run_stops_it_in_process(tmp_path: Path, kvm: Kvm,
                                                      capfd: pytest.CaptureFixture[str]) -> None:
     kernel = kernel_file(tmp_path, put(b"spinning\n") + SPIN)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    original = signal.getsignal(signal.SIGTERM)
+    done = threading.Event()
+
+    def terminate() -> None:
+        # Once main() has put its handler in place (before that, SIGTERM would end pytest).
+        deadline = time.monotonic() + 30
+        while signal.getsignal(signal.SIGTERM) is original and not done.is_set():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+    sender = threading.Thread(target=terminate)
+    sender.start()
     try:
         status = cli.main(["run", "--kernel", str(kernel), "--memory", "64", "--timeout", "60"])
     finally:
-        timer.cancel()
+        done.set()
+        sender.join(30)
     assert status == 128 + signal.SIGTERM
     assert "kvmlib: SIGTERM: the guest was stopped" in capfd.readouterr().err
 
