@@ -324,9 +324,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def test_an_emulation_failure_names_the_instruction_bytes() -> None:
-    from kvmlib.vcpu import _failed_instruction
+    from kvmlib.disasm import instruction_bytes
     # What this project's development host reported for Linux's `lock cmpxchg16b [rbp+0x20]`.
     reported = InternalError(1, (1, 0x74204DC70F48F00F, 0x894D0824448B4C66, 0x1000, 0, 0, 0, 0))
-    assert _failed_instruction(reported)[:6] == bytes.fromhex("f0480fc74d20")  # type: ignore[index]
-    assert _failed_instruction(InternalError(1, (0, 5, 6))) is None  # no bytes flagged
-    assert _failed_instruction(InternalError(3, (1, 5, 6))) is None  # not an emulation failure
+    assert instruction_bytes(reported)[:6] == bytes.fromhex("f0480fc74d20")  # type: ignore[index]
+    assert instruction_bytes(InternalError(1, (0, 5, 6))) is None  # no bytes flagged
+    assert instruction_bytes(InternalError(3, (1, 5, 6))) is None  # not an emulation failure

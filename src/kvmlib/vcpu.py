@@ -34,6 +34,7 @@ from kvmlib.arch.x86_64.cpuid_features import CpuidTemplate
 from kvmlib.arch.x86_64.msrs import boot_msr_entries
 from kvmlib.arch.x86_64.regs import BootState, set_boot_registers, setup_fpu, setup_lapic
 from kvmlib.bus import IoManager
+from kvmlib.disasm import instruction_bytes
 from kvmlib.errors import KvmIoctlError, VcpuError, VmError
 from kvmlib.exit_handler import ExitHandler
 from kvmlib.ioctl import (
@@ -700,7 +701,7 @@ class KvmVcpu:
         if isinstance(exit_, InternalError):
             name = _INTERNAL_ERRORS.get(exit_.suberror, "unknown suberror")
             what = f"KVM internal error {exit_.suberror} ({name})"
-            insn = _failed_instruction(exit_)
+            insn = instruction_bytes(exit_)
             what += f", instruction bytes {insn.hex(' ')}" if insn else f", data {list(map(hex, exit_.data))}"
         return VcpuError(f"vCPU {self.id} stopped{where}: {what}", vcpu_id=self.id, exit=exit_,
                          rip=rip)
@@ -719,18 +720,6 @@ _INTERNAL_ERRORS = {
     3: "DELIVERY_EV: an event could not be delivered",
     4: "UNEXPECTED_EXIT_REASON",
 }
-
-
-def _failed_instruction(exit_: InternalError) -> bytes | None:
-    """The bytes KVM could not emulate, when it reported them.
-
-    With ``KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`` in ``data[0]``, the next 16 bytes
-    of the data hold the instruction's length, then the instruction.
-    """
-    if exit_.suberror != 1 or len(exit_.data) < 3 or not exit_.data[0] & 1:
-        return None
-    raw = b"".join((word & (1 << 64) - 1).to_bytes(8, "little") for word in exit_.data[1:3])
-    return raw[1:1 + min(raw[0], 15)]
 
 
 _SYNC_ALL = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
