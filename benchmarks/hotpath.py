@@ -132,11 +132,11 @@ def _exit_full(ctx: Context, exits: int) -> float:
 
 def case_exit(s: Settings, ctx: Context) -> list[Result]:
     """kvmlib's exit paths against the C loop on the same vCPU, and the two C baselines."""
-    raw = Result("exit round trip, raw VcpuFd.run() vs C on the same vCPU", "us/exit",
+    raw = Result("exit round trip, raw VcpuFd.run()", "us/exit",
                  target="<= 1.1")
-    full = Result("exit round trip, vCPU loop + device vs C on the same vCPU", "us/exit",
+    full = Result("exit round trip, vCPU loop + device", "us/exit",
                   target="<= 1.25")
-    baselines = Result("exit round trip, C on kvmlib's vCPU vs standalone C", "us/exit",
+    baselines = Result("exit round trip, C loop on kvmlib's vCPU", "us/exit",
                        baseline="the standalone C program, its own VM")
     lib = _inprocess_library(ctx.tmp)
     guest = ctx.guest_file("exit", guests.exit_loop(s.exits))
@@ -237,11 +237,11 @@ def case_fuzz(s: Settings, ctx: Context) -> list[Result]:
 
 def case_reset(s: Settings, ctx: Context) -> list[Result]:
     """Fast reset in KVM_SET_REGS units, its phases, and the per-page cost of larger dirty sets."""
-    units = Result("fast reset, 10 guest-dirtied pages of 256 MiB", "SET_REGS units",
+    units = Result("fast reset, 10 dirty pages of 256 MiB", "SET_REGS units",
                    target="<= 12", target_of="kvmlib")
     phases = {name: Result(f"fast reset phase: {name} (10 pages)", "us", c=None)
               for name in ("harvest", "copy", "in-kernel devices", "vCPU", "bus devices")}
-    per_page = Result("fast reset, per page beyond 10, at 1024 pages vs memcpy of a page", "us/page",
+    per_page = Result("fast reset, per page at 1024 dirty pages", "us/page",
                       baseline="memcpy of all 256 MiB, per page")
     iterations = s.fuzz_iterations
     guest = ctx.guest_file("fuzz10", guests.fuzz_target(10))
@@ -279,9 +279,9 @@ class _FirstExit:
 
 def case_restore(s: Settings, ctx: Context) -> list[Result]:
     """A 256 MiB snapshot restored and run to its first guest instruction (an exit), by mode."""
-    read = Result("restore 256 MiB to the first guest instruction, read, verified", "ms", c=None)
-    mapped = Result("restore 256 MiB to the first guest instruction, mmap CoW, manifest and "
-                    "state verified", "ms", c=None, target="<= 5", target_of="kvmlib")
+    read = Result("restore 256 MiB to the first instruction, read (verified)", "ms", c=None)
+    mapped = Result("restore 256 MiB to the first instruction, mmap CoW (state verified)", "ms",
+                    c=None, target="<= 5", target_of="kvmlib")
     path = ctx.tmp / "restore-snapshot"
     with dense_memory(256 * MIB) as memory:
         memory.write(GuestAddress(CODE), guests.FIRST_EXIT)

@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,9 +274,10 @@ def write_png(path: Path, results: Sequence[Result | Mapping[str, Any]], title: 
         return False
     # Laid out in inches, top down: the title, then per panel its heading, one slot per case (taller
     # where a label has a second line naming the baseline), its x axis; then the notes.
-    width, left, right = 10.0, 3.5, 2.1
+    width, left, right = 10.8, 4.2, 2.4
     slots = [0.5 if any(c.get("baseline") for c in p.cases) else 0.36 for p in panels]
-    heading, axis, top, notes_height = 0.35, 0.7, 0.45, 0.45
+    heading, axis, top = 0.35, 0.7, 0.45
+    notes_height = 0.3 + 0.13 * (1 + len(", ".join(alone)) // int(width * 19))
     height = top + notes_height + sum(heading + slot * len(p.cases) + axis
                                       for slot, p in zip(slots, panels, strict=True))
     fig = plt.figure(figsize=(width, height))
@@ -315,7 +317,9 @@ def write_png(path: Path, results: Sequence[Result | Mapping[str, Any]], title: 
     if alone:
         notes.append(f"Without a C baseline, in the table only: {', '.join(alone)}.")
     fig.suptitle(title, fontsize=9, y=1 - 0.15 / height)
-    fig.text(0.01, 0.1 / height, "\n".join(notes), fontsize=7.5, va="bottom")
+    # Wrapped to the figure's width (about 19 characters an inch at this size).
+    wrapped = [line for note in notes for line in textwrap.wrap(note, int(width * 19))]
+    fig.text(0.01, 0.1 / height, "\n".join(wrapped), fontsize=7.5, va="bottom")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
