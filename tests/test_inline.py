@@ -223,3 +223,21 @@ def test_a_reset_across_an_apic_mode_switch_restores_the_lapic_in_its_own_mode(k
         lapic = bytes(vm.vcpus[1].vcpu_fd.get_lapic())
         assert lapic[APIC_ID:APIC_ID + 4] == saved.lapic[APIC_ID:APIC_ID + 4] == bytes([0, 0, 0, 1])
         snapshot.close()
+
+
+def test_the_vcpu_statistics_fd_counts_the_exits_while_the_vcpu_lives(kvm: Kvm) -> None:
+    from kvmlib._kvm_stats import VcpuCounters
+
+    device = StopAfter(20)
+    with counter_vm(kvm, device) as vm:
+        counters = VcpuCounters(v.vcpu_fd for v in vm.vcpus)
+        if not counters.available:
+            pytest.skip("this kernel has no binary statistics (KVM_GET_STATS_FD, Linux 5.14+)")
+        before = counters.read()
+        assert before is not None
+        assert vm.run_inline(timeout=DEADLINE).reason is StopReason.REQUESTED
+        after = counters.read()
+        assert after is not None and after - before >= 20  # one exit per port write at least
+        counters.close()
+        assert counters.read() is None and not counters.available
+        counters.close()

@@ -1,43 +1,40 @@
 """KVM's binary statistics (``KVM_GET_STATS_FD``, Linux 5.14+): vCPU counters read while it runs.
 
-Each vCPU (and VM) fd hands out a read-only statistics fd: a header, descriptors naming each
-counter (``exits``, ``io_exits``, ``halt_exits``, ``insn_emulation`` ...) with its offset, and the
-values, which the kernel keeps current. Reading it never stops or kicks the vCPU, which is what a
-status line polled once a second needs. The layout is ``struct kvm_stats_header`` and ``struct
-kvm_stats_desc`` of ``<linux/kvm.h>``.
+Each vCPU fd hands out a read-only statistics fd (:meth:`kvmlib.ioctl.VcpuFd.get_stats_fd`): a
+:class:`~kvmlib.ioctl.kvm_stats_header`, descriptors (:class:`~kvmlib.ioctl.kvm_stats_desc`, each
+followed by its name) naming each counter (``exits``, ``io_exits``, ``halt_exits`` ...) with its
+offset, and the values, which the kernel keeps current. Reading it never stops or kicks the vCPU,
+which is what a status line polled once a second needs.
 """
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
 import os
 import struct
 import threading
 from collections.abc import Iterable
 
-from kvmlib.ioctl.numbers import _IO, KVMIO
+from kvmlib.errors import KvmIoctlError
+from kvmlib.ioctl import VcpuFd, kvm_stats_desc, kvm_stats_header
 
-KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
-# flags, name_size, num_desc, id_offset, desc_offset, data_offset
-_HEADER = struct.Struct("<6I")
-# flags, exponent, size (in u64 values), offset (from data_offset), bucket_size; the name follows
-_DESC = struct.Struct("<IhHII")
 _U64 = struct.Struct("<Q")
 
 
-def _counter_offsets(fd: int) -> dict[str, int]:
-    """Each single-valued counter's file offset, by name."""
-    _flags, name_size, num_desc, _id, desc_offset, data_offset = _HEADER.unpack(
-        os.pread(fd, _HEADER.size, 0))
-    stride = _DESC.size + name_size
-    table = os.pread(fd, stride * num_desc, desc_offset)
+def counter_offsets(fd: int) -> dict[str, int]:
+    """Each single-valued counter's file offset in the statistics fd ``fd``, by name."""
+    header = kvm_stats_header.from_buffer_copy(
+        os.pread(fd, ctypes.sizeof(kvm_stats_header), 0))
+    stride = ctypes.sizeof(kvm_stats_desc) + header.name_size
+    table = os.pread(fd, stride * header.num_desc, header.desc_offset)
     offsets = {}
-    for i in range(num_desc):
-        _dflags, _exponent, size, offset, _bucket = _DESC.unpack_from(table, i * stride)
-        start = i * stride + _DESC.size
-        name = table[start:start + name_size].split(b"\0", 1)[0].decode("ascii", "replace")
-        if size == 1:
-            offsets[name] = data_offset + offset
+    for i in range(header.num_desc):
+        at = i * stride
+        desc = kvm_stats_desc.from_buffer_copy(table, at)
+        start = at + ctypes.sizeof(kvm_stats_desc)
+        name = table[start:start + header.name_size].split(b"\0", 1)[0].decode("ascii", "replace")
+        if desc.size == 1:
+            offsets[name] = header.data_offset + desc.offset
     return offsets
 
 
@@ -45,22 +42,22 @@ class VcpuCounters:
     """One counter summed over vCPUs, read from their statistics fds; safe from any thread.
 
     Args:
-        vcpu_fds: the vCPU fds (only used here, to ask each for its statistics fd).
+        vcpu_fds: the vCPUs (only used here, to ask each for its statistics fd).
         name: the counter, as KVM names it (``exits``).
 
     :attr:`available` is False where KVM has no binary statistics or no such counter; then
     :meth:`read` returns None.
     """
 
-    def __init__(self, vcpu_fds: Iterable[int], name: str = "exits") -> None:
+    def __init__(self, vcpu_fds: Iterable[VcpuFd], name: str = "exits") -> None:
         self._lock = threading.Lock()
         self._fds: list[tuple[int, int]] = []
         try:
             for vcpu_fd in vcpu_fds:
-                fd = fcntl.ioctl(vcpu_fd, KVM_GET_STATS_FD)
+                fd = vcpu_fd.get_stats_fd()
                 try:
-                    offset = _counter_offsets(fd).get(name)
-                except (OSError, struct.error):
+                    offset = counter_offsets(fd).get(name)
+                except (OSError, ValueError):  # a short read: from_buffer_copy's ValueError
                     offset = None
                 if offset is None:
                     os.close(fd)
@@ -68,7 +65,7 @@ class VcpuCounters:
                 self._fds.append((fd, offset))
             else:
                 return
-        except OSError:
+        except KvmIoctlError:
             pass  # ENOTTY / EINVAL: a kernel older than 5.14
         self.close()
 

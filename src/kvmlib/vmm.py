@@ -778,7 +778,7 @@ class Vmm:
             vm.fd.register_irqfd(trigger.fd, COM1_IRQ)
             vm.load_boot_state(boot_state(boot))
             forced = _forced_cpuid(vm, cfg.hide_cpuid)
-            counters = VcpuCounters(vcpu.vcpu_fd.fd for vcpu in vm.vcpus)
+            counters = VcpuCounters(vcpu.vcpu_fd for vcpu in vm.vcpus)
             stack.callback(counters.close)
         except BaseException:
             stack.close()

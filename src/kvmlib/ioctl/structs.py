@@ -14,6 +14,7 @@ from ctypes import (
     Structure,
     Union,
     c_char,
+    c_int16,
     c_int32,
     c_int64,
     c_uint8,
@@ -813,6 +814,34 @@ class kvm_dirty_log(KernelStruct):
 
     _anonymous_ = ("_u",)
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("_u", _kvm_dirty_log_u)]
+
+
+class kvm_stats_header(KernelStruct):
+    """``struct kvm_stats_header``: the start of a binary statistics fd (``KVM_GET_STATS_FD``)."""
+
+    flags: int
+    name_size: int
+    num_desc: int
+    id_offset: int
+    desc_offset: int
+    data_offset: int
+
+    _fields_ = [("flags", c_uint32), ("name_size", c_uint32), ("num_desc", c_uint32),
+                ("id_offset", c_uint32), ("desc_offset", c_uint32), ("data_offset", c_uint32)]
+
+
+class kvm_stats_desc(KernelStruct):
+    """``struct kvm_stats_desc``: one statistic; its name (``name_size`` bytes) follows."""
+
+    flags: int
+    exponent: int
+    size: int
+    offset: int
+    bucket_size: int
+    name: bytes
+
+    _fields_ = [("flags", c_uint32), ("exponent", c_int16), ("size", c_uint16),
+                ("offset", c_uint32), ("bucket_size", c_uint32), ("name", c_char * 0)]
 
 
 class kvm_irqfd(KernelStruct):

@@ -50,6 +50,7 @@ from kvmlib.ioctl.numbers import (
     KVM_GET_MSRS,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    KVM_GET_STATS_FD,
     KVM_GET_VCPU_EVENTS,
     KVM_GET_XCRS,
     KVM_GET_XSAVE,
@@ -499,6 +500,18 @@ class VcpuFd(_FdOwner):
         """Issue prepared ioctls in order (see :meth:`prepare_set`), after any staged registers."""
         self._load_staged()
         super().issue(calls)
+
+    def get_stats_fd(self) -> int:
+        """KVM_GET_STATS_FD (Linux 5.14+): a new read-only fd of the vCPU's binary statistics.
+
+        The caller owns the fd (close it with :func:`os.close`). Its layout: a
+        :class:`kvm_stats_header`, then ``num_desc`` :class:`kvm_stats_desc` each followed by its
+        name, then the values, which the kernel keeps current (reading never stops the vCPU).
+
+        Raises:
+            KvmIoctlError: the kernel has no binary statistics (ENOTTY / EINVAL).
+        """
+        return self._ioctl_int("KVM_GET_STATS_FD", KVM_GET_STATS_FD)
 
     def get_xsave2(self, size: int | None = None) -> bytearray:
         """KVM_GET_XSAVE2: the whole XSAVE area, :attr:`xsave2_size` bytes by default.
