@@ -5,6 +5,12 @@ them*, so it can serve only one reader. A VM has several (the user's :meth:`KvmV
 diff snapshots, fast reset), so :class:`DirtyTracker` drains the kernel's log, adds the host's
 own writes, and keeps one accumulated bitmap per reader ("cursor"). Bitmaps are Python ints (bit
 ``n`` = page ``n`` of the region): OR-ing two of them is one C loop, whatever their size.
+
+Why the plain log: measured right after a guest dirtied k pages of 256 MiB, harvesting with
+``KVM_GET_DIRTY_LOG`` took 11-15 us for k = 1..256; manual protection (GET then
+``KVM_CLEAR_DIRTY_LOG``) 1.5-2 us more at every k; the dirty ring 2-5 us for k <= 10 but 58 us at
+k = 256 (one Python step per page), with ring-full exits to handle and no bitmap for the other
+readers. The log is the one that never loses badly.
 """
 
 from __future__ import annotations
