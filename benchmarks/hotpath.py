@@ -157,7 +157,8 @@ def case_exit(s: Settings, ctx: Context) -> list[Result]:
 
 
 class _Target:
-    """The fuzz target's ports: the input byte, and DONE, which ends the inline run."""
+    """The input port (``input``), and a write that ends the inline run: the fuzz target's DONE,
+    the restored guest's first exit."""
 
     def __init__(self) -> None:
         self.input = 0
@@ -265,18 +266,6 @@ def case_reset(s: Settings, ctx: Context) -> list[Result]:
 # ---- restore from disk to the first guest instruction ---------------------------------------------
 
 
-class _FirstExit:
-    def __init__(self) -> None:
-        self.vm: KvmVm | None = None
-
-    def pio_read(self, base: int, offset: int, data: memoryview) -> None:
-        data[0] = 0
-
-    def pio_write(self, base: int, offset: int, data: memoryview) -> None:
-        assert self.vm is not None
-        self.vm.stop_inline()
-
-
 def case_restore(s: Settings, ctx: Context) -> list[Result]:
     """A 256 MiB snapshot restored and run to its first guest instruction (an exit), by mode."""
     read = Result("restore 256 MiB to the first instruction, read (verified)", "ms", c=None)
@@ -286,7 +275,7 @@ def case_restore(s: Settings, ctx: Context) -> list[Result]:
     with dense_memory(256 * MIB) as memory:
         memory.write(GuestAddress(CODE), guests.FIRST_EXIT)
         bus = IoManager()
-        bus.register_pio(PioRange(WORK_PORT, 1), _FirstExit())
+        bus.register_pio(PioRange(WORK_PORT, 1), _Target())
         with KvmVm.new(ctx.kvm, VmConfig.from_kvm(ctx.kvm, 1), memory, EventExitHandler(),
                        bus) as vm:
             write_boot_tables(memory, BootProtocol.LONG_MODE)
@@ -294,7 +283,7 @@ def case_restore(s: Settings, ctx: Context) -> list[Result]:
             save_snapshot(vm, path)
     for _ in range(s.snapshot_reps):
         for mode, verify, row in (("read", True, read), ("mmap", False, mapped)):
-            device = _FirstExit()
+            device = _Target()
             bus = IoManager()
             bus.register_pio(PioRange(WORK_PORT, 1), device)
             t0 = time.perf_counter()

@@ -60,12 +60,11 @@ except ImportError:  # not POSIX
     ioctl: Callable[..., Any] = _unavailable("ioctl()")
     #: ``fcntl.flock``, or a stand-in that refuses.
     flock: Callable[..., Any] = _unavailable("flock()")
-    LOCK_EX = LOCK_NB = LOCK_SH = LOCK_UN = 0
+    LOCK_EX = LOCK_NB = 0
 else:
     ioctl = _fcntl.ioctl
     flock = _fcntl.flock
-    LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN = (_fcntl.LOCK_EX, _fcntl.LOCK_NB, _fcntl.LOCK_SH,
-                                          _fcntl.LOCK_UN)
+    LOCK_EX, LOCK_NB = _fcntl.LOCK_EX, _fcntl.LOCK_NB
 
 #: The first real-time signal: the vCPU kick (as in vmm-reference). Off Linux, where there is
 #: none, a placeholder that is never sent (no VM can be made there).
