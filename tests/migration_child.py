@@ -1,8 +1,9 @@
 """Run by test_migration in a fresh process: receive a VM over an inherited socket, run it, report.
 
 Usage: ``python -m tests.migration_child FD MODE``; prints one JSON object. MODE is ``run``
-(receive, inspect, resume, count on, report) or ``layout`` (offer memory of another layout than
-the source's, so the receiver refuses). A refusal is reported as ``{"error": message}``.
+(receive, inspect, resume, count on, report), ``layout`` (offer memory of another layout than
+the source's, so the receiver refuses) or ``require-checksums`` (``run``, refusing a stream
+without page checksums). A refusal is reported as ``{"error": message}``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(fd: int, mode: str) -> None:
         offered = GuestMemoryMmap.from_ranges([(0, 2 * RAM_SIZE)]) if mode == "layout" else None
         try:
             vm, memory = receive(kvm, sock, EventExitHandler(), tape_bus(tape), memory=offered,
+                                 require_page_checksums=mode == "require-checksums",
                                  timeout=TIMEOUT)
         except MigrationError as e:
             print(json.dumps({"error": str(e)}))

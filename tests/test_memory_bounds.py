@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import resource
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmlib import ClosedError, GuestAddress, GuestMemoryError, GuestMemoryMmap, GuestRegionMmap
+from kvmlib import memory as memory_module
+from kvmlib.errors import GuestMemoryMapError
 from kvmlib.memory import HUGE_PAGE_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 PAGE = 0x1000
@@ -143,3 +147,83 @@ def test_huge_page_regions_when_the_host_has_them() -> None:
     with mem:
         mem.write_u64(GuestAddress(HUGE_PAGE_SIZE - 8), 0x1234)
         assert mem.read_u64(GuestAddress(HUGE_PAGE_SIZE - 8)) == 0x1234
+
+
+# ---- populate and discard --------------------------------------------------------------------------
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_populate_takes_the_page_faults_up_front_and_changes_nothing() -> None:
+    pages = 1024
+    region = GuestRegionMmap.anonymous(0, pages * PAGE)
+    try:
+        view = region.as_memoryview()
+        view[5 * PAGE:5 * PAGE + 4] = b"kept"
+        region.populate(PAGE)  # from page 1 to the end
+        before = _minor_faults()
+        for page in range(1, pages):
+            view[page * PAGE + 8] = 1
+        # Writing every populated page faults (almost) nowhere: the memory is already there.
+        assert _minor_faults() - before < pages // 10
+        assert bytes(view[5 * PAGE:5 * PAGE + 4]) == b"kept"
+    finally:
+        region.close()
+
+
+def test_discard_zeroes_anonymous_memory_by_giving_it_back() -> None:
+    region = GuestRegionMmap.anonymous(0, 64 * PAGE, log_dirty_pages=True)
+    try:
+        view = region.as_memoryview()
+        view[:] = b"\xaa" * len(view)
+        region.discard(2 * PAGE, 3 * PAGE)
+        assert bytes(view[2 * PAGE:5 * PAGE]) == bytes(3 * PAGE)
+        assert view[2 * PAGE - 1] == view[5 * PAGE] == 0xAA
+        # The pages went back to the kernel: touching them faults again.
+        before = _minor_faults()
+        for page in range(2, 5):
+            view[page * PAGE] = 1
+        assert _minor_faults() - before >= 3
+        assert region.take_host_dirty() == 0b11100  # a host write, for dirty tracking
+    finally:
+        region.close()
+
+
+def test_discard_zero_fills_a_file_backed_region(tmp_path: Path) -> None:
+    path = tmp_path / "ram"
+    path.write_bytes(b"\x55" * (4 * PAGE))
+    region = GuestRegionMmap.from_file(0, 4 * PAGE, path)
+    try:
+        region.discard(PAGE, PAGE)
+    finally:
+        region.close()
+    assert path.read_bytes() == b"\x55" * PAGE + bytes(PAGE) + b"\x55" * (2 * PAGE)
+
+
+@pytest.mark.parametrize("offset, size", [(1, PAGE), (0, PAGE + 1), (PAGE, 4 * PAGE), (5 * PAGE, None)])
+def test_populate_and_discard_refuse_ranges_outside_the_region_or_unaligned(
+        offset: int, size: int | None) -> None:
+    region = GuestRegionMmap.anonymous(0, 4 * PAGE)
+    try:
+        for call in (region.populate, region.discard):
+            with pytest.raises(GuestMemoryError, match="not page aligned inside the region"):
+                call(offset, size)
+    finally:
+        region.close()
+    for call in (region.populate, region.discard):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_a_kernel_refusal_to_populate_is_a_map_error_with_its_errno(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_module, "_MADV_POPULATE_WRITE", 0x7FFF)  # no such advice: EINVAL
+    region = GuestRegionMmap.anonymous(0, 4 * PAGE)
+    try:
+        with pytest.raises(GuestMemoryMapError, match="cannot populate 0x4000 bytes") as info:
+            region.populate()
+        assert info.value.errno == errno.EINVAL
+    finally:
+        region.close()

@@ -6,6 +6,7 @@ CHILD_TIMEOUT, so a hang fails a test instead of the suite.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -21,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from kvmlib import Kvm, LifecycleState, migration
+from kvmlib import GuestRegionMmap, Kvm, LifecycleState, migration
+from kvmlib.errors import GuestMemoryMapError
 from kvmlib.exit_handler import EventExitHandler
 from kvmlib.memory import PAGE_SIZE
 from kvmlib.migration import (
@@ -157,6 +159,27 @@ def test_with_no_pre_copy_rounds_a_running_vm_is_stopped_and_copied(source: Sour
     assert got["consistent"] and got["counting"]
 
 
+def test_without_page_checksums_the_guest_moves_just_the_same(source: Source, child: Child) -> None:
+    stats = migrate(source.vm, child.sock, timeout=TIMEOUT, page_checksums=False)
+    last = source.vm.vcpu_regs(0).rax
+    got = child.result()
+    assert (got["lifecycle"], got["rax"], got["digest"]) == ("paused", last, digest(source.memory))
+    assert got["consistent"] and got["noise"] and got["counting"] and got["consistent_after"]
+    # Each page costs its bytes only: no CRC-32 table behind it.
+    assert stats.rounds[0].bytes < RAM_SIZE + stats.rounds[0].pages // 64 * 40
+
+
+def test_a_page_zeroed_after_it_was_sent_arrives_zero(source: Source, child: Child) -> None:
+    def progress(r: RoundStats) -> None:
+        if r.index == 0:
+            source.memory.write(NOISE, bytes(PAGE_SIZE))  # sent as ZEROS in the next round
+
+    migrate(source.vm, child.sock, timeout=TIMEOUT, progress=progress)
+    got = child.result()
+    assert (got["rax"], got["digest"]) == (source.vm.vcpu_regs(0).rax, digest(source.memory))
+    assert not got["noise"]  # its first page is zero now, on both sides
+
+
 def test_memory_without_dirty_logging_is_sent_whole_in_the_final_round(kvm: Kvm, child: Child) -> None:
     source = Source(kvm, log_dirty_pages=False)
     try:
@@ -209,6 +232,19 @@ def test_a_receiver_with_another_memory_layout_refuses_before_the_source_pauses(
         child.close()
 
 
+def test_a_receiver_requiring_page_checksums_refuses_a_stream_without_them_before_the_pause(
+        source: Source) -> None:
+    child = Child("require-checksums")
+    try:
+        pauses = source.vm.vcpu_run_state.pauses
+        with pytest.raises(MigrationError, match=r"refused: .*without checksums"):
+            migrate(source.vm, child.sock, timeout=TIMEOUT, page_checksums=False)
+        assert source.vm.vcpu_run_state.pauses == pauses
+        assert_still_running(source)
+    finally:
+        child.close()
+
+
 def test_a_failing_progress_callback_aborts_and_the_receiver_hears_why(
         source: Source, child: Child) -> None:
     def progress(r: RoundStats) -> None:
@@ -242,8 +278,10 @@ class Proxy:
 
     Tamper = Callable[[FrameType, bytearray, bytearray], "tuple[bytearray, bytearray] | None"]
 
-    def __init__(self, to_receiver: socket.socket, tamper: Tamper) -> None:
+    def __init__(self, to_receiver: socket.socket, tamper: Tamper, *,
+                 page_checksums: bool = True) -> None:
         self.source_end, self._in = socket.socketpair()
+        self._page_bytes = PAGE_SIZE + 4 if page_checksums else PAGE_SIZE
         self._out = to_receiver
         self._tamper = tamper
         for s in (self._in, self._out):
@@ -259,7 +297,7 @@ class Proxy:
             while True:
                 header = bytearray(_recv_exact(self._in, FRAME_HEADER.size))
                 kind, _, _, _, count, _, _ = FRAME_HEADER.unpack(header)
-                size = count * (PAGE_SIZE + 4) if kind == FrameType.PAGES else \
+                size = count * self._page_bytes if kind == FrameType.PAGES else \
                     0 if kind == FrameType.ZEROS else count
                 payload = bytearray(_recv_exact(self._in, size))
                 out = self._tamper(FrameType(kind), header, payload)
@@ -340,6 +378,18 @@ def test_a_flipped_byte_is_refused_and_the_source_runs_on(source: Source, child:
         assert f"the first is page {NOISE // PAGE_SIZE:#x}" in error
 
 
+def test_without_page_checksums_a_flipped_header_byte_is_still_refused(source: Source,
+                                                                     child: Child) -> None:
+    proxy = Proxy(child.sock, flip_once("a frame header"), page_checksums=False)
+    try:
+        with pytest.raises(MigrationError, match=r"refused: .*corrupted"):
+            migrate(source.vm, proxy.source_end, timeout=TIMEOUT, page_checksums=False)
+        assert_still_running(source)
+    finally:
+        proxy.close()
+    assert "frame header at byte" in child.result()["error"]
+
+
 def test_a_truncated_stream_is_refused(source: Source, child: Child) -> None:
     def cut(kind: FrameType, header: bytearray, payload: bytearray) -> tuple[bytearray, bytearray] | None:
         return None if kind is FrameType.PAGES else (header, payload)
@@ -395,7 +445,8 @@ def test_the_receiver_refuses_devices_it_does_not_have(kvm: Kvm) -> None:
     hello = json.dumps({"page_size": PAGE_SIZE, "num_vcpus": 1,
                         "regions": [{"start": 0, "size": RAM_SIZE, "log_dirty_pages": True,
                                      "read_only": False}],
-                        "devices": [{"space": "pio", "base": 0x3F8, "kind": "Serial"}]}).encode()
+                        "devices": [{"space": "pio", "base": 0x3F8, "kind": "Serial"}],
+                        "page_checksums": True}).encode()
     body = struct.pack("<HHIQQI", FrameType.HELLO, 0, 0, 0, len(hello), zlib.crc32(hello))
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -427,3 +478,144 @@ def test_the_two_process_example_in_the_docs_runs(kvm: Kvm) -> None:
                          r"\(zero pages cost a header\)\n", done.stdout)
     assert match, done.stdout
     assert match[1] == match[2]
+
+
+# ---- the receiver's helper thread, in this process ------------------------------------------------
+
+PREFAULT_THREAD = "kvmlib-migration-prefault"
+
+
+def _prefault_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == PREFAULT_THREAD]
+
+
+class ReceiverThread:
+    """:func:`receive` in a thread of this process; ``result()`` waits for it, bounded."""
+
+    def __init__(self, kvm: Kvm, sock: socket.socket) -> None:
+        self.outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                self.outcome.append(receive(kvm, sock, EventExitHandler(), tape_bus(Tape()),
+                                            timeout=TIMEOUT))
+            except BaseException as e:
+                self.outcome.append(e)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self) -> object:
+        self._thread.join(CHILD_TIMEOUT)
+        assert not self._thread.is_alive()
+        result = self.outcome[0]
+        if isinstance(result, tuple):
+            vm, memory = result
+            self.digest = digest(memory)
+            vm.close()
+            memory.close()
+        return result
+
+
+@pytest.mark.parametrize("outcome", ["succeeds", "fails"])
+def test_the_receivers_helper_thread_ends_with_the_receive(kvm: Kvm, source: Source,
+                                                            outcome: str) -> None:
+    def progress(r: RoundStats) -> None:
+        if outcome == "fails":
+            raise RuntimeError("stop here")
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        receiver = ReceiverThread(kvm, theirs)
+        if outcome == "fails":
+            with pytest.raises(MigrationError, match="stop here"):
+                migrate(source.vm, ours, timeout=TIMEOUT, progress=progress)
+            assert isinstance(receiver.result(), MigrationError)
+        else:
+            migrate(source.vm, ours, timeout=TIMEOUT)
+            assert isinstance(receiver.result(), tuple)
+            assert receiver.digest == digest(source.memory)
+    assert _prefault_threads() == []
+
+
+def test_a_kernel_that_cannot_populate_only_costs_the_receiver_its_faults(
+        kvm: Kvm, source: Source, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def refuse(self: GuestRegionMmap, offset: int = 0, size: int | None = None) -> None:
+        calls.append(offset)
+        raise GuestMemoryMapError("cannot populate (test)", errno.EINVAL)
+
+    monkeypatch.setattr(GuestRegionMmap, "populate", refuse)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        receiver = ReceiverThread(kvm, theirs)
+        migrate(source.vm, ours, timeout=TIMEOUT)
+        assert isinstance(receiver.result(), tuple)
+        assert receiver.digest == digest(source.memory)
+    assert calls == [0]  # tried once, then left the faults to the receiving thread
+
+
+def test_a_failure_in_the_helper_thread_is_not_lost(kvm: Kvm, source: Source,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    called = threading.Event()
+
+    def broken(self: GuestRegionMmap, offset: int = 0, size: int | None = None) -> None:
+        called.set()
+        raise RuntimeError("a bug in populate")
+
+    def progress(r: RoundStats) -> None:
+        assert called.wait(TIMEOUT)  # the helper has failed before the stream ends
+
+    monkeypatch.setattr(GuestRegionMmap, "populate", broken)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        receiver = ReceiverThread(kvm, theirs)
+        with pytest.raises(MigrationError, match="refused: populating the received memory failed: "
+                                                 "RuntimeError: a bug in populate"):
+            migrate(source.vm, ours, timeout=TIMEOUT, progress=progress)
+        error = receiver.result()
+        assert isinstance(error, MigrationError)
+        assert isinstance(error.__cause__, MigrationError)
+        assert isinstance(error.__cause__.__cause__, RuntimeError)
+    assert_still_running(source)
+
+
+def test_the_helper_stays_a_window_ahead_of_the_stream_and_never_behind_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ahead, chunk = migration._PREFAULT_AHEAD_PAGES, migration._PREFAULT_CHUNK_PAGES
+    pages = 4 * ahead
+    populated: list[tuple[int, int]] = []  # (first, end) pages, numbered across both regions
+    grew = threading.Condition()
+
+    def record(self: GuestRegionMmap, offset: int = 0, size: int | None = None) -> None:
+        base = self.start_addr // PAGE_SIZE
+        with grew:
+            populated.append((base + offset // PAGE_SIZE, base + (offset + (size or 0)) // PAGE_SIZE))
+            grew.notify_all()
+
+    def wait_until_populated_to(end: int) -> None:
+        with grew:
+            assert grew.wait_for(lambda: bool(populated) and populated[-1][1] >= end, TIMEOUT)
+
+    monkeypatch.setattr(GuestRegionMmap, "populate", record)
+    regions = [GuestRegionMmap.anonymous(0, pages * PAGE_SIZE),
+               GuestRegionMmap.anonymous(pages * PAGE_SIZE, pages * PAGE_SIZE)]
+    try:
+        helper = migration._Prefaulter(regions)
+        try:
+            wait_until_populated_to(ahead)
+            helper.advance(0, 3 * ahead)  # the stream jumped (a long zero run)
+            wait_until_populated_to(4 * ahead)
+            helper.advance(1, ahead)  # the stream is a window into the second region
+            wait_until_populated_to(pages + 2 * ahead)
+        finally:
+            assert helper.stop() is None
+        assert _prefault_threads() == []
+    finally:
+        for r in regions:
+            r.close()
+    # A window ahead of the stream, in whole chunks, and never what the stream already wrote.
+    expected = [*range(0, ahead, chunk), *range(3 * ahead, 4 * ahead, chunk),
+                *range(pages + ahead, pages + 2 * ahead, chunk)]
+    assert populated == [(first, first + chunk) for first in expected]

@@ -29,6 +29,15 @@ own checksum; the receiver remembers the pages whose checksum failed and refuses
 one of them is still unverified when the source says it is done (in the final round, with the guest
 paused, a failed page is always corruption). The CRC-32 is zlib's.
 
+The page checksums are the costliest part of a migration: computing them on the source and checking
+them on the receiver each take about as much CPU as moving the pages through the socket (see the
+benchmarks). ``migrate(..., page_checksums=False)`` leaves them out for transports that cannot
+corrupt data, such as a UNIX socket on one host; frame headers and every other payload keep theirs,
+and a receiver can refuse such a stream (``receive(..., require_page_checksums=True)``).
+
+The receiver populates the memory it maps in a helper thread just ahead of the stream
+(``MADV_POPULATE_WRITE``), so the page faults of fresh memory do not slow the receiving thread.
+
 Wire format (version :data:`VERSION`; integers little-endian)
 -----------------------------------------------------------------
 
@@ -48,14 +57,16 @@ then both sides exchange frames. Every frame starts with a 32-byte header (:data
     payload_crc  u32   CRC-32 (zlib.crc32) of the payload (0 without one)
     header_crc   u32   CRC-32 of the 28 bytes before it
 
-followed by the payload: for PAGES, ``count * page_size`` bytes of guest memory then ``count`` u32
-CRC-32s, one per page (``payload_crc`` covers that table); nothing for ZEROS (the pages are all
+followed by the payload: for PAGES, ``count * page_size`` bytes of guest memory then, if the hello
+says ``page_checksums``, ``count`` u32 CRC-32s, one per page (``payload_crc`` covers that table;
+without page checksums it is 0); nothing for ZEROS (the pages are all
 zero); ``count`` bytes for the others. The conversation::
 
     source                                        receiver
     preamble, HELLO {JSON: page_size, regions
       [{start, size, log_dirty_pages, read_only}],
-      num_vcpus, devices [{space, base, kind}]}  ->
+      num_vcpus, devices [{space, base, kind}],
+      page_checksums}                             ->
                                                   <-  ACCEPT {JSON: version}  or  REFUSE reason
     PAGES / ZEROS ... (round 0, 1, ... while the guest runs; the final round while it is paused)
     STATE (VmState.to_bytes()), END {JSON: frames, pages}  ->
@@ -76,6 +87,7 @@ import math
 import select
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -87,7 +99,7 @@ from typing_extensions import Buffer
 from kvmlib._platform import libc
 from kvmlib.bus import IoManager
 from kvmlib.dirty import DirtyBitmap
-from kvmlib.errors import KvmError
+from kvmlib.errors import GuestMemoryError, KvmError
 from kvmlib.exit_handler import ExitHandler
 from kvmlib.ioctl import KVM_MP_STATE_UNINITIALIZED, Cap, Kvm, kvm_mp_state
 from kvmlib.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegionMmap
@@ -118,6 +130,9 @@ MIGRATION_CURSOR = "migration"
 
 # Zero pages are detected per 64 KiB block: one memcmp call each, cheap against sending them.
 _ZERO_BLOCK_PAGES = 16
+# The receiver populates its fresh memory 2 MiB at a time, at most 16 MiB ahead of the stream.
+_PREFAULT_CHUNK_PAGES = 512
+_PREFAULT_AHEAD_PAGES = 4096
 _MAX_TEXT = 64 << 10
 # Waits that only collect a reason (a refusal already sent, a best-effort notice) stay short.
 _NOTICE_TIMEOUT = 1.0
@@ -296,10 +311,14 @@ class _Channel:
     def send_json(self, kind: FrameType, doc: dict[str, Any]) -> None:
         self.send_frame(kind, json.dumps(doc, sort_keys=True).encode())
 
-    def send_pages(self, slot: int, first: int, data: memoryview) -> None:
-        table = _page_crcs(data)
-        header = _pack_header(FrameType.PAGES, slot, first, len(data) // PAGE_SIZE, zlib.crc32(table))
-        self.send([header, data, table])
+    def send_pages(self, slot: int, first: int, data: memoryview, checksums: bool) -> None:
+        count = len(data) // PAGE_SIZE
+        if checksums:
+            table = _page_crcs(data)
+            self.send([_pack_header(FrameType.PAGES, slot, first, count, zlib.crc32(table)), data,
+                       table])
+        else:
+            self.send([_pack_header(FrameType.PAGES, slot, first, count, 0), data])
 
     def send_zeros(self, slot: int, first: int, count: int) -> None:
         self.send([_pack_header(FrameType.ZEROS, slot, first, count, 0)])
@@ -385,7 +404,6 @@ _libc = libc()
 _memcmp = _libc.memcmp
 _memcmp.restype = ctypes.c_int
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-_memset = ctypes.memset
 _ZERO_BYTES = _ZERO_BLOCK_PAGES * PAGE_SIZE
 _ZERO = ctypes.create_string_buffer(_ZERO_BYTES)
 _ZERO_ADDR = ctypes.addressof(_ZERO)
@@ -428,6 +446,94 @@ def _page_crcs(data: memoryview) -> bytes:
     return struct.pack(f"<{len(crcs)}I", *crcs)
 
 
+class _Prefaulter:
+    """Populates the receiver's fresh memory in a helper thread, just ahead of the stream.
+
+    Receiving into fresh anonymous memory otherwise takes one page fault per page inside
+    ``recv_into``, on the receiving thread's time: for 256 MiB, as long as the checksums take.
+    Populated in 2 MiB calls (:meth:`GuestRegionMmap.populate`, with the GIL released), the faults
+    cost about half and overlap the receiving. The helper stays at most
+    :data:`_PREFAULT_AHEAD_PAGES` ahead of the furthest page received, so runs of zero pages (sent
+    as ZEROS, never written) are not allocated in advance beyond that window, and whatever of them
+    was is given back when the ZEROS frame arrives (:meth:`GuestRegionMmap.discard`). Round 0
+    arrives in address order, which is what the helper follows; later rounds find the memory
+    populated. Failing to populate (an older kernel, memory running out) only stops the helper:
+    the receiving thread then takes the faults itself.
+    """
+
+    def __init__(self, regions: Sequence[GuestRegionMmap]) -> None:
+        self._regions = regions
+        # Pages are numbered across regions, in the order round 0 sends them.
+        self._bases: list[int] = []
+        total = 0
+        for region in regions:
+            self._bases.append(total)
+            total += region.num_pages
+        self._total = total
+        self._cond = threading.Condition()
+        # Stored by the receiving thread without the lock; the helper reads it before each chunk.
+        self._cursor = 0
+        self._wake_at = total + 1
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvmlib-migration-prefault",
+                                        daemon=True)
+        self._thread.start()
+
+    def advance(self, slot: int, end: int) -> None:
+        """The stream has reached page ``end`` (exclusive) of region ``slot``."""
+        cursor = self._bases[slot] + end
+        if cursor > self._cursor:
+            self._cursor = cursor
+            # Waking the helper costs a GIL hand-over: only once it has half a window to do.
+            if cursor >= self._wake_at:
+                with self._cond:
+                    self._cond.notify()
+
+    def stop(self) -> BaseException | None:
+        """Stop and join the helper (within one chunk); return what it raised, if anything."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        return self._error
+
+    def _run(self) -> None:
+        try:
+            self._populate()
+        except BaseException as e:
+            self._error = e
+
+    def _populate(self) -> None:
+        page = 0
+        slot = 0
+        while page < self._total:
+            with self._cond:
+                while not self._stopping:
+                    # Published before the cursor is read: advance() stores the cursor before
+                    # it reads this, so one of the two sees the other's write.
+                    self._wake_at = page - _PREFAULT_AHEAD_PAGES // 2
+                    if page < self._cursor + _PREFAULT_AHEAD_PAGES:
+                        break
+                    self._cond.wait()
+                self._wake_at = self._total + 1
+                if self._stopping:
+                    return
+                # Never behind the stream: what it already wrote needs no populating.
+                page = max(page, self._cursor)
+            while slot + 1 < len(self._bases) and self._bases[slot + 1] <= page:
+                slot += 1
+            region = self._regions[slot]
+            first = page - self._bases[slot]
+            count = min(_PREFAULT_CHUNK_PAGES, region.num_pages - first)
+            try:
+                region.populate(first * PAGE_SIZE, count * PAGE_SIZE)
+            except GuestMemoryError as e:
+                log.debug("migration: populating received memory stopped: %s", e)
+                return
+            page += count
+
+
 def _run_mask(first: int, count: int) -> int:
     return ((1 << count) - 1) << first
 
@@ -461,7 +567,8 @@ def _stateful_devices(bus: IoManager) -> list[tuple[str, int, str]]:
 
 
 def migrate(vm: KvmVm, sock: socket.socket, *, max_downtime: float = 0.05, max_rounds: int = 30,
-            timeout: float | None = 60.0, progress: ProgressCallback | None = None) -> MigrationStats:
+            timeout: float | None = 60.0, progress: ProgressCallback | None = None,
+            page_checksums: bool = True) -> MigrationStats:
     """Send ``vm`` over ``sock`` to a :func:`receive` and leave it paused here once it is there.
 
     The guest keeps running while memory is copied (pre-copy, see the module documentation). It
@@ -484,6 +591,11 @@ def migrate(vm: KvmVm, sock: socket.socket, *, max_downtime: float = 0.05, max_r
             answers, the acknowledgement included, must come within it.
         progress: called with each round's :class:`RoundStats` once it is sent; the final
             round's call happens while the VM is paused. Raising in it aborts the migration.
+        page_checksums: send a CRC-32 of every page, which the receiver checks (the default).
+            Computing and checking them costs each side about as much CPU as moving the pages
+            through the socket; without them only the frame headers and every other payload are
+            checked, so pass False only where the transport cannot corrupt data (a UNIX socket
+            on one host). A receiver may insist on them (see :func:`receive`).
 
     Returns:
         What was sent, and the downtime as the source measured it.
@@ -497,13 +609,14 @@ def migrate(vm: KvmVm, sock: socket.socket, *, max_downtime: float = 0.05, max_r
         raise MigrationError(f"max_downtime must be a positive number of seconds, not {max_downtime!r}")
     if max_rounds < 0:
         raise MigrationError(f"max_rounds must be >= 0, not {max_rounds!r}")
-    return _Sender(vm, sock, timeout, progress).run(max_downtime, max_rounds)
+    return _Sender(vm, sock, timeout, progress, page_checksums).run(max_downtime, max_rounds)
 
 
 class _Sender:
     def __init__(self, vm: KvmVm, sock: socket.socket, timeout: float | None,
-                 progress: ProgressCallback | None) -> None:
+                 progress: ProgressCallback | None, page_checksums: bool) -> None:
         self.vm = vm
+        self.page_checksums = bool(page_checksums)
         self.sock = sock
         self.timeout = timeout
         self.progress = progress
@@ -552,6 +665,7 @@ class _Sender:
                         for r in self.regions],
             "num_vcpus": self.vm.config.num_vcpus,
             "devices": [{"space": s, "base": b, "kind": k} for s, b, k in _stateful_devices(self.vm.bus)],
+            "page_checksums": self.page_checksums,
         }
         channel.send([_pack_preamble()])
         channel.send_json(FrameType.HELLO, hello)
@@ -592,7 +706,8 @@ class _Sender:
                         channel.send_zeros(slot, f, n)
                         zero_pages += n
                     else:
-                        channel.send_pages(slot, f, view[f * PAGE_SIZE:(f + n) * PAGE_SIZE])
+                        channel.send_pages(slot, f, view[f * PAGE_SIZE:(f + n) * PAGE_SIZE],
+                                           self.page_checksums)
                     pages += n
                     self.frames += 1
         self.pages += pages
@@ -723,7 +838,7 @@ class _Sender:
 
 def receive(kvm: Kvm, sock: socket.socket, exit_handler: ExitHandler, bus: IoManager, *,
             memory: GuestMemoryMmap | None = None, num_vcpus: int | None = None,
-            max_memory: int | None = None,
+            max_memory: int | None = None, require_page_checksums: bool = False,
             timeout: float | None = 60.0) -> tuple[KvmVm, GuestMemoryMmap]:
     """Receive a VM that :func:`migrate` sends over ``sock``; return it paused, with its memory.
 
@@ -736,7 +851,8 @@ def receive(kvm: Kvm, sock: socket.socket, exit_handler: ExitHandler, bus: IoMan
     (the source keeps running) a stream of another version or page size, a memory layout other
     than ``memory``'s (when given) or above ``max_memory``, more memory slots or vCPUs than KVM
     offers here, a vCPU count other than ``num_vcpus`` (when given), read-only memory KVM cannot
-    provide, or stateful devices other than those on ``bus`` (same classes at the same places).
+    provide, stateful devices other than those on ``bus`` (same classes at the same places), or
+    pages without checksums when ``require_page_checksums`` is set.
 
     Args:
         kvm: an open ``/dev/kvm``.
@@ -750,6 +866,8 @@ def receive(kvm: Kvm, sock: socket.socket, exit_handler: ExitHandler, bus: IoMan
             logging and read-only flags.
         num_vcpus: refuse a VM with another number of vCPUs.
         max_memory: refuse a VM with more guest memory than this many bytes.
+        require_page_checksums: refuse (before the source pauses) a source that sends pages
+            without checksums (``migrate(..., page_checksums=False)``).
         timeout: seconds any single receive or send may wait (None: forever).
 
     Raises:
@@ -757,13 +875,14 @@ def receive(kvm: Kvm, sock: socket.socket, exit_handler: ExitHandler, bus: IoMan
             is corrupted, truncated or of another version, the source aborted, or the VM could
             not be built. Everything built was closed; ``memory``, when given, stays open.
     """
-    return _Receiver(kvm, sock, exit_handler, bus, memory, num_vcpus, max_memory, timeout).run()
+    return _Receiver(kvm, sock, exit_handler, bus, memory, num_vcpus, max_memory,
+                     require_page_checksums, timeout).run()
 
 
 class _Receiver:
     def __init__(self, kvm: Kvm, sock: socket.socket, exit_handler: ExitHandler, bus: IoManager,
                  memory: GuestMemoryMmap | None, num_vcpus: int | None, max_memory: int | None,
-                 timeout: float | None) -> None:
+                 require_page_checksums: bool, timeout: float | None) -> None:
         self.kvm = kvm
         self.sock = sock
         self.exit_handler = exit_handler
@@ -776,11 +895,12 @@ class _Receiver:
         self.num_vcpus = 0
         self.frames = 0
         self.pages = 0
-        # Per region: pages written so far (a ZEROS run over none of them is already zero in
-        # memory this receiver mapped), and pages whose last copy failed its checksum.
-        self.written: list[int] = []
+        # Per region: pages whose last copy failed its checksum.
         self.suspect: list[int] = []
+        self.prefaulter: _Prefaulter | None = None
         self.table_view = memoryview(bytearray(MAX_FRAME_PAGES * 4))
+        self.require_page_checksums = require_page_checksums
+        self.page_checksums = True
 
     def run(self) -> tuple[KvmVm, GuestMemoryMmap]:
         channel = _Channel(self.sock, self.timeout)
@@ -788,6 +908,7 @@ class _Receiver:
         try:
             self._handshake(channel)
             state = self._receive_stream(channel)
+            self._stop_prefaulter()
             vm = self._build(state)
             channel.send_frame(FrameType.DONE)
         except BaseException as e:
@@ -797,7 +918,20 @@ class _Receiver:
         assert self.memory is not None
         return vm, self.memory
 
+    def _stop_prefaulter(self) -> None:
+        prefaulter, self.prefaulter = self.prefaulter, None
+        if prefaulter is not None:
+            error = prefaulter.stop()
+            if error is not None:
+                raise MigrationError(f"populating the received memory failed: "
+                                     f"{_describe(error)}") from error
+
     def _fail(self, channel: _Channel, error: BaseException, vm: KvmVm | None) -> NoReturn:
+        try:
+            # Before anything is closed: the helper uses the memory.
+            self._stop_prefaulter()
+        except MigrationError as e:
+            log.warning("migration receive: %s (while failing: %s)", e, _describe(error))
         what = _describe(error)
         if isinstance(error, _PeerClosedError):
             what = (f"the stream ended after {channel.received} bytes, before the source finished "
@@ -831,15 +965,21 @@ class _Receiver:
             raise MigrationError(f"the source's page size is {hello.get('page_size')!r}, this "
                                  f"host's {PAGE_SIZE}")
         try:
-            regions, self.num_vcpus, devices = _parse_hello(hello)
+            regions, self.num_vcpus, devices, self.page_checksums = _parse_hello(hello)
         except (KeyError, TypeError, ValueError) as e:
             raise MigrationError(f"the hello is malformed: {type(e).__name__}: {e}") from None
         self._check_hostable(regions, devices)
         self._map_memory(regions)
         channel.send_json(FrameType.ACCEPT, {"version": VERSION})
+        if self.given_memory is None:
+            assert self.memory is not None
+            self.prefaulter = _Prefaulter(self.memory.regions)
 
     def _check_hostable(self, regions: list[tuple[int, int, bool, bool]],
                         devices: list[tuple[str, int, str]]) -> None:
+        if self.require_page_checksums and not self.page_checksums:
+            raise MigrationError("the source sends pages without checksums; this receiver "
+                                 "requires them")
         layout = [(start, size) for start, size, _, _ in regions]
         if self.given_memory is not None and tuple(layout) != layout_of(self.given_memory):
             raise MigrationError(f"the source's memory layout {_fmt_layout(layout)} differs from the "
@@ -878,10 +1018,6 @@ class _Receiver:
                 for r in made:
                     r.close()
                 raise MigrationError(f"cannot map the source's memory here: {e}") from e
-            # Fresh anonymous memory reads as zero: no ZEROS run needs writing until pages are.
-            self.written = [0] * len(regions)
-        else:
-            self.written = [-1] * len(regions)
         self.suspect = [0] * len(regions)
 
     def _receive_stream(self, channel: _Channel) -> VmState:
@@ -940,32 +1076,41 @@ class _Receiver:
 
     def _apply_run(self, channel: _Channel, region: GuestRegionMmap, header: _Header) -> None:
         slot, first, count = header.slot, header.first, header.count
+        if self.prefaulter is not None:
+            self.prefaulter.advance(slot, first + count)
         mask = _run_mask(first, count)
         lo, hi = first * PAGE_SIZE, (first + count) * PAGE_SIZE
         if header.kind is FrameType.PAGES:
             # Straight into guest memory: the kernel's copy is the only one.
             view = region.as_memoryview()[lo:hi]
             channel.recv_exact(view)
-            table = self.table_view[:count * 4]
-            channel.recv_exact(table)
-            self.written[slot] |= mask
             self.suspect[slot] &= ~mask
-            if zlib.crc32(table) != header.crc:
-                self.suspect[slot] |= mask
-            elif _page_crcs(view) != table:
-                # Torn by a write while it was sent (so it is dirty and comes again), or corrupted
-                # (refused at the end unless a later copy replaces it).
-                expected = struct.unpack(f"<{count}I", table)
-                actual = struct.unpack(f"<{count}I", _page_crcs(view))
-                for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
-                    if want != got:
-                        self.suspect[slot] |= 1 << (first + i)
+            if self.page_checksums:
+                self._check_pages(channel, view, header)
+            elif header.crc:
+                raise MigrationError("the stream is corrupted: a page run has a checksum in a "
+                                     "stream without page checksums")
         else:
-            if self.written[slot] & mask:
-                _memset(region.host_address + lo, 0, hi - lo)
+            # Cheap where nothing is mapped yet; frees what was (given memory: zero-filled).
+            region.discard(lo, hi - lo)
             self.suspect[slot] &= ~mask
         self.frames += 1
         self.pages += count
+
+    def _check_pages(self, channel: _Channel, view: memoryview, header: _Header) -> None:
+        slot, first, count = header.slot, header.first, header.count
+        table = self.table_view[:count * 4]
+        channel.recv_exact(table)
+        if zlib.crc32(table) != header.crc:
+            self.suspect[slot] |= _run_mask(first, count)
+        elif _page_crcs(view) != table:
+            # Torn by a write while it was sent (so it is dirty and comes again), or corrupted
+            # (refused at the end unless a later copy replaces it).
+            expected = struct.unpack(f"<{count}I", table)
+            actual = struct.unpack(f"<{count}I", _page_crcs(view))
+            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+                if want != got:
+                    self.suspect[slot] |= 1 << (first + i)
 
     def _build(self, state: VmState) -> KvmVm:
         assert self.memory is not None
@@ -993,7 +1138,7 @@ class _Receiver:
 
 
 def _parse_hello(hello: dict[str, Any]) -> tuple[list[tuple[int, int, bool, bool]], int,
-                                                 list[tuple[str, int, str]]]:
+                                                 list[tuple[str, int, str]], bool]:
     regions = []
     for r in hello["regions"]:
         start, size = r["start"], r["size"]
@@ -1008,7 +1153,10 @@ def _parse_hello(hello: dict[str, Any]) -> tuple[list[tuple[int, int, bool, bool
     if not isinstance(num_vcpus, int) or isinstance(num_vcpus, bool):
         raise TypeError(f"num_vcpus is {num_vcpus!r}")
     devices = [(str(d["space"]), int(d["base"]), str(d["kind"])) for d in hello["devices"]]
-    return regions, num_vcpus, devices
+    page_checksums = hello["page_checksums"]
+    if not isinstance(page_checksums, bool):
+        raise TypeError(f"page_checksums is {page_checksums!r}")
+    return regions, num_vcpus, devices, page_checksums
 
 
 __all__ = [
