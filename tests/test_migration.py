@@ -619,3 +619,36 @@ def test_the_helper_stays_a_window_ahead_of_the_stream_and_never_behind_it(
     expected = [*range(0, ahead, chunk), *range(3 * ahead, 4 * ahead, chunk),
                 *range(pages + ahead, pages + 2 * ahead, chunk)]
     assert populated == [(first, first + chunk) for first in expected]
+
+
+# ---- timeouts --------------------------------------------------------------------------------------
+
+
+def _frame(kind: FrameType, payload: bytes) -> bytes:
+    body = struct.pack("<HHIQQI", kind, 0, 0, 0, len(payload), zlib.crc32(payload))
+    return body + zlib.crc32(body).to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize("when", ["the handshake", "pre-copy"])
+def test_a_receiver_that_stops_answering_times_out_and_the_source_runs_on(
+        source: Source, when: str) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(7.0)
+        if when == "pre-copy":
+            # Accepts, then never reads again: the source's sends fill the socket and wait.
+            theirs.sendall(_frame(FrameType.ACCEPT, b'{"version": 1}'))
+        pauses = source.vm.vcpu_run_state.pauses
+        with pytest.raises(MigrationError, match=f"in {when}.*did not answer in time"):
+            migrate(source.vm, ours, timeout=0.3)
+        assert source.vm.vcpu_run_state.pauses == pauses
+        assert_still_running(source)
+        assert ours.gettimeout() == 7.0  # the owner's setting is back
+
+
+def test_a_receiver_hearing_nothing_times_out(kvm: Kvm) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        with pytest.raises(MigrationError, match="did not answer in time"):
+            receive(kvm, theirs, EventExitHandler(), tape_bus(Tape()), timeout=0.3)
+        assert theirs.gettimeout() is None  # blocking again, as it was

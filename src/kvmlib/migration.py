@@ -79,6 +79,7 @@ pages; every other payload at most :data:`MAX_MESSAGE` bytes.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import enum
 import json
@@ -263,12 +264,25 @@ def _pack_preamble() -> bytes:
 
 
 class _Channel:
-    """The socket, its timeout for the duration, and framed sends and receives."""
+    """The socket, framed sends and receives, and what to do while the socket would block.
+
+    The socket is non-blocking for the duration. When a send finds it full or a receive finds it
+    empty, :attr:`idle` (if set) is called first: it does one piece of deferred work (computing
+    the next frames' page checksums on the source, checking received pages on the receiver) and
+    returns True, or returns False when it has none, and only then does the channel wait, at most
+    ``timeout`` seconds. Each side thus checksums while the other moves bytes through the socket,
+    instead of both taking turns.
+    """
 
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         self.sock = sock
+        self.timeout = timeout
+        self.idle: Callable[[], bool] | None = None
         self._saved_timeout = sock.gettimeout()
-        sock.settimeout(timeout)
+        sock.setblocking(False)
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+        self._events = select.POLLIN
         self.sent = 0
         self.received = 0
         # Set while a frame is partly written: nothing else may be sent after it.
@@ -289,6 +303,17 @@ class _Channel:
         except OSError:
             pass
 
+    def _blocked(self, events: int) -> None:
+        """The socket would block: do deferred work, or wait for ``events`` (within the timeout)."""
+        if self.idle is not None and self.idle():
+            return
+        if events != self._events:
+            self._poller.modify(self.sock.fileno(), events)
+            self._events = events
+        ms = None if self.timeout is None else max(0, math.ceil(self.timeout * 1000))
+        if not self._poller.poll(ms):
+            raise TimeoutError("timed out")
+
     # ---- sending ----
 
     def send(self, parts: Sequence[Buffer]) -> None:
@@ -296,7 +321,11 @@ class _Channel:
         views = [v for v in views if len(v)]
         self.torn = True
         while views:
-            n = self.sock.sendmsg(views)
+            try:
+                n = self.sock.sendmsg(views)
+            except BlockingIOError:
+                self._blocked(select.POLLOUT)
+                continue
             self.sent += n
             while views and n >= len(views[0]):
                 n -= len(views[0])
@@ -311,10 +340,10 @@ class _Channel:
     def send_json(self, kind: FrameType, doc: dict[str, Any]) -> None:
         self.send_frame(kind, json.dumps(doc, sort_keys=True).encode())
 
-    def send_pages(self, slot: int, first: int, data: memoryview, checksums: bool) -> None:
+    def send_pages(self, slot: int, first: int, data: memoryview, table: bytes | None) -> None:
+        """Pages with their CRC-32 table (:func:`_page_crcs`), or without page checksums."""
         count = len(data) // PAGE_SIZE
-        if checksums:
-            table = _page_crcs(data)
+        if table is not None:
             self.send([_pack_header(FrameType.PAGES, slot, first, count, zlib.crc32(table)), data,
                        table])
         else:
@@ -328,8 +357,9 @@ class _Channel:
         if self.torn:
             return
         data = text.encode("utf-8", "replace")[:_MAX_TEXT]
+        self.idle = None
+        self.timeout = _NOTICE_TIMEOUT
         try:
-            self.sock.settimeout(_NOTICE_TIMEOUT)
             self.send_frame(kind, data)
         except OSError:
             pass
@@ -340,7 +370,11 @@ class _Channel:
         size = len(view)
         got = 0
         while got < size:
-            n = self.sock.recv_into(view[got:])
+            try:
+                n = self.sock.recv_into(view[got:])
+            except BlockingIOError:
+                self._blocked(select.POLLIN)
+                continue
             if n == 0:
                 raise _PeerClosedError
             got += n
@@ -565,6 +599,14 @@ def _stateful_devices(bus: IoManager) -> list[tuple[str, int, str]]:
 
 # ---- the source -----------------------------------------------------------------------------------
 
+# A frame to send: (slot, first page, pages, data, its page checksums); data is None for ZEROS, the
+# checksums None for ZEROS and without page checksums.
+_OutFrame = tuple[int, int, int, memoryview | None, bytes | None]
+# Frames the source makes ready ahead while the socket is full (1 MiB of pages at most).
+_READY_FRAMES = 4
+# Frames the receiver leaves unchecked while more arrive (it checks them when the socket is empty).
+_UNCHECKED_FRAMES = 4
+
 
 def migrate(vm: KvmVm, sock: socket.socket, *, max_downtime: float = 0.05, max_rounds: int = 30,
             timeout: float | None = 60.0, progress: ProgressCallback | None = None,
@@ -696,20 +738,32 @@ class _Sender:
         t0 = time.perf_counter()
         sent0 = channel.sent
         pages = zero_pages = 0
-        for slot in sorted(runs):
-            region = self.regions[slot]
-            view = region.as_memoryview()
-            host = region.host_address
-            for first, count in runs[slot]:
-                for zero, f, n in _segments(host, first, count):
-                    if zero:
-                        channel.send_zeros(slot, f, n)
-                        zero_pages += n
-                    else:
-                        channel.send_pages(slot, f, view[f * PAGE_SIZE:(f + n) * PAGE_SIZE],
-                                           self.page_checksums)
-                    pages += n
-                    self.frames += 1
+        frames = self._frames(runs)
+        # Frames made ready (zero runs found, page checksums computed) while the socket was full.
+        ready: collections.deque[_OutFrame] = collections.deque()
+
+        def prepare() -> bool:
+            if len(ready) >= _READY_FRAMES:
+                return False
+            frame = next(frames, None)
+            if frame is None:
+                return False
+            ready.append(frame)
+            return True
+
+        channel.idle = prepare
+        try:
+            while ready or prepare():
+                slot, first, count, data, table = ready.popleft()
+                if data is None:
+                    channel.send_zeros(slot, first, count)
+                    zero_pages += count
+                else:
+                    channel.send_pages(slot, first, data, table)
+                pages += count
+                self.frames += 1
+        finally:
+            channel.idle = None
         self.pages += pages
         stats = RoundStats(index, pages, zero_pages, channel.sent - sent0,
                            time.perf_counter() - t0, final)
@@ -719,6 +773,21 @@ class _Sender:
         if self.progress is not None:
             self.progress(stats)
         return stats
+
+    def _frames(self, runs: dict[int, list[tuple[int, int]]]) -> Iterator[_OutFrame]:
+        """The round's frames in order, each ready to send."""
+        checksums = self.page_checksums
+        for slot in sorted(runs):
+            region = self.regions[slot]
+            view = region.as_memoryview()
+            host = region.host_address
+            for first, count in runs[slot]:
+                for zero, f, n in _segments(host, first, count):
+                    if zero:
+                        yield slot, f, n, None, None
+                    else:
+                        data = view[f * PAGE_SIZE:(f + n) * PAGE_SIZE]
+                        yield slot, f, n, data, _page_crcs(data) if checksums else None
 
     def _precopy(self, channel: _Channel, tracked: list[int], max_downtime: float,
                  max_rounds: int) -> float:
@@ -822,7 +891,8 @@ class _Sender:
 
     def _pending_refusal(self, channel: _Channel) -> str | None:
         try:
-            channel.sock.settimeout(_NOTICE_TIMEOUT)
+            channel.idle = None
+            channel.timeout = _NOTICE_TIMEOUT
             while True:
                 header = channel.recv_header()
                 if header.kind is FrameType.REFUSE:
@@ -898,7 +968,9 @@ class _Receiver:
         # Per region: pages whose last copy failed its checksum.
         self.suspect: list[int] = []
         self.prefaulter: _Prefaulter | None = None
-        self.table_view = memoryview(bytearray(MAX_FRAME_PAGES * 4))
+        # PAGES frames received but not yet checked: (header, the pages in memory, checksums).
+        self.unchecked: collections.deque[tuple[_Header, memoryview, bytearray]] = \
+            collections.deque()
         self.require_page_checksums = require_page_checksums
         self.page_checksums = True
 
@@ -1024,9 +1096,14 @@ class _Receiver:
         assert self.memory is not None
         regions = self.memory.regions
         state: bytes | None = None
+        channel.idle = self._check_one
         while True:
             header = channel.recv_header()
             kind = header.kind
+            if kind is not FrameType.PAGES:
+                # Checked in stream order: a page's last copy decides whether it is suspect.
+                while self._check_one():
+                    pass
             if kind is FrameType.PAGES or kind is FrameType.ZEROS:
                 if state is not None:
                     raise MigrationError("the source sent pages after the VM state")
@@ -1043,6 +1120,7 @@ class _Receiver:
                 raise MigrationError(f"the source aborted: {channel.recv_text(header, 'abort reason')}")
             else:
                 raise MigrationError(f"unexpected {kind.name} frame in the stream")
+        channel.idle = None
         if state is None:
             raise MigrationError("the stream ended without the VM state")
         if end.get("frames") != self.frames or end.get("pages") != self.pages:
@@ -1084,9 +1162,13 @@ class _Receiver:
             # Straight into guest memory: the kernel's copy is the only one.
             view = region.as_memoryview()[lo:hi]
             channel.recv_exact(view)
-            self.suspect[slot] &= ~mask
             if self.page_checksums:
-                self._check_pages(channel, view, header)
+                table = bytearray(count * 4)
+                channel.recv_exact(memoryview(table))
+                # Checked when the socket has nothing to read, or once a few frames wait.
+                self.unchecked.append((header, view, table))
+                if len(self.unchecked) > _UNCHECKED_FRAMES:
+                    self._check_one()
             elif header.crc:
                 raise MigrationError("the stream is corrupted: a page run has a checksum in a "
                                      "stream without page checksums")
@@ -1097,10 +1179,13 @@ class _Receiver:
         self.frames += 1
         self.pages += count
 
-    def _check_pages(self, channel: _Channel, view: memoryview, header: _Header) -> None:
+    def _check_one(self) -> bool:
+        """Check the oldest received frame's pages against their checksums, if one waits."""
+        if not self.unchecked:
+            return False
+        header, view, table = self.unchecked.popleft()
         slot, first, count = header.slot, header.first, header.count
-        table = self.table_view[:count * 4]
-        channel.recv_exact(table)
+        self.suspect[slot] &= ~_run_mask(first, count)
         if zlib.crc32(table) != header.crc:
             self.suspect[slot] |= _run_mask(first, count)
         elif _page_crcs(view) != table:
@@ -1111,6 +1196,7 @@ class _Receiver:
             for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
                 if want != got:
                     self.suspect[slot] |= 1 << (first + i)
+        return True
 
     def _build(self, state: VmState) -> KvmVm:
         assert self.memory is not None
