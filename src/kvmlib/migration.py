@@ -59,8 +59,8 @@ then both sides exchange frames. Every frame starts with a 32-byte header (:data
 
 followed by the payload: for PAGES, ``count * page_size`` bytes of guest memory then, if the hello
 says ``page_checksums``, ``count`` u32 CRC-32s, one per page (``payload_crc`` covers that table;
-without page checksums it is 0); nothing for ZEROS (the pages are all
-zero); ``count`` bytes for the others. The conversation::
+without page checksums it is 0); nothing for ZEROS (the pages are all zero); ``count`` bytes for
+the others. The conversation::
 
     source                                        receiver
     preamble, HELLO {JSON: page_size, regions
@@ -134,6 +134,10 @@ _ZERO_BLOCK_PAGES = 16
 # The receiver populates its fresh memory 2 MiB at a time, at most 16 MiB ahead of the stream.
 _PREFAULT_CHUNK_PAGES = 512
 _PREFAULT_AHEAD_PAGES = 4096
+# Frames the source makes ready ahead while the socket is full (1 MiB of pages at most).
+_READY_FRAMES = 4
+# Frames the receiver leaves unchecked while more arrive (it checks them when the socket is empty).
+_UNCHECKED_FRAMES = 4
 _MAX_TEXT = 64 << 10
 # Waits that only collect a reason (a refusal already sent, a best-effort notice) stay short.
 _NOTICE_TIMEOUT = 1.0
@@ -484,9 +488,9 @@ class _Prefaulter:
     """Populates the receiver's fresh memory in a helper thread, just ahead of the stream.
 
     Receiving into fresh anonymous memory otherwise takes one page fault per page inside
-    ``recv_into``, on the receiving thread's time: for 256 MiB, as long as the checksums take.
-    Populated in 2 MiB calls (:meth:`GuestRegionMmap.populate`, with the GIL released), the faults
-    cost about half and overlap the receiving. The helper stays at most
+    ``recv_into``, on the receiving thread's time: for 256 MiB, longer than checking the pages'
+    checksums. Populated in 2 MiB calls (:meth:`GuestRegionMmap.populate`, with the GIL released),
+    the faults cost about half as much and overlap the receiving. The helper stays at most
     :data:`_PREFAULT_AHEAD_PAGES` ahead of the furthest page received, so runs of zero pages (sent
     as ZEROS, never written) are not allocated in advance beyond that window, and whatever of them
     was is given back when the ZEROS frame arrives (:meth:`GuestRegionMmap.discard`). Round 0
@@ -602,10 +606,6 @@ def _stateful_devices(bus: IoManager) -> list[tuple[str, int, str]]:
 # A frame to send: (slot, first page, pages, data, its page checksums); data is None for ZEROS, the
 # checksums None for ZEROS and without page checksums.
 _OutFrame = tuple[int, int, int, memoryview | None, bytes | None]
-# Frames the source makes ready ahead while the socket is full (1 MiB of pages at most).
-_READY_FRAMES = 4
-# Frames the receiver leaves unchecked while more arrive (it checks them when the socket is empty).
-_UNCHECKED_FRAMES = 4
 
 
 def migrate(vm: KvmVm, sock: socket.socket, *, max_downtime: float = 0.05, max_rounds: int = 30,
