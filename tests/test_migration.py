@@ -652,3 +652,39 @@ def test_a_receiver_hearing_nothing_times_out(kvm: Kvm) -> None:
         with pytest.raises(MigrationError, match="did not answer in time"):
             receive(kvm, theirs, EventExitHandler(), tape_bus(Tape()), timeout=0.3)
         assert theirs.gettimeout() is None  # blocking again, as it was
+
+
+def test_the_channel_does_deferred_work_while_the_socket_would_block() -> None:
+    payload = random.Random(9).randbytes(8 << 20)  # more than any socket buffer holds
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(5.0)
+        peer_may_start = threading.Event()
+        received = bytearray()
+        calls: list[int] = []  # what the peer had received at each call
+
+        def idle() -> bool:
+            calls.append(len(received))
+            if len(calls) < 3:
+                return True  # did a piece of work: the channel tries the socket again
+            peer_may_start.set()
+            return False  # nothing left: the channel waits for the socket
+
+        def peer() -> None:
+            assert peer_may_start.wait(TIMEOUT)
+            while len(received) < len(payload):
+                received.extend(theirs.recv(1 << 20))
+            theirs.sendall(b"ok")
+
+        thread = threading.Thread(target=peer, daemon=True)
+        thread.start()
+        channel = migration._Channel(ours, TIMEOUT)
+        channel.idle = idle
+        channel.send([payload])
+        assert calls[:3] == [0, 0, 0]  # the full socket first ran the deferred work
+        answer = bytearray(2)
+        channel.recv_exact(memoryview(answer))
+        channel.restore()
+        thread.join(TIMEOUT)
+        assert received == payload and answer == b"ok"
+        assert ours.gettimeout() == 5.0
