@@ -1004,6 +1004,8 @@ class _Receiver:
             self._stop_prefaulter()
         except MigrationError as e:
             log.warning("migration receive: %s (while failing: %s)", e, _describe(error))
+        # Views into the memory: dropped, so that closing it unmaps it now.
+        self.unchecked.clear()
         what = _describe(error)
         if isinstance(error, _PeerClosedError):
             what = (f"the stream ended after {channel.received} bytes, before the source finished "
