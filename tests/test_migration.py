@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kvmlib import GuestRegionMmap, Kvm, LifecycleState, migration
+from kvmlib import GuestAddress, GuestRegionMmap, Kvm, LifecycleState, migration
 from kvmlib.errors import GuestMemoryMapError
 from kvmlib.exit_handler import EventExitHandler
 from kvmlib.memory import PAGE_SIZE
@@ -688,3 +688,60 @@ def test_the_channel_does_deferred_work_while_the_socket_would_block() -> None:
         thread.join(TIMEOUT)
         assert received == payload and answer == b"ok"
         assert ours.gettimeout() == 5.0
+
+
+@pytest.mark.parametrize("between", [0, 8])
+@pytest.mark.parametrize("copies", ["torn, then intact", "intact, then corrupted",
+                                    "intact, then intact and changed"])
+def test_the_last_copy_of_a_page_decides_even_when_checks_are_deferred(
+        kvm: Kvm, source: Source, copies: str, between: int) -> None:
+    """A page sent twice in one stream, one copy failing its checksum: the receiver checks frames
+    after receiving later ones (``between`` frames apart, the copies may both wait unchecked),
+    but in stream order, so only a failing last copy is refused."""
+    source.vm.pause()
+    state = source.vm.save_state().to_bytes()
+    ram = source.memory.read(GuestAddress(0), RAM_SIZE)
+    page = NOISE // PAGE_SIZE
+    hello = {"page_size": PAGE_SIZE, "num_vcpus": 1, "page_checksums": True,
+             "regions": [{"start": 0, "size": RAM_SIZE, "log_dirty_pages": True,
+                          "read_only": False}],
+             "devices": [{"space": "pio", "base": 0x20, "kind": "Tape"}]}
+
+    def pages(first: int, count: int, corrupt: bool = False, changed: bool = False) -> bytes:
+        data = bytearray(ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
+        if changed:
+            data[321] ^= 0xFF  # a later version of the page (the guest wrote it)
+        table = migration._page_crcs(memoryview(data))
+        if corrupt:
+            data[123] ^= 0x01  # after its checksum was taken: as a tear or a bad link would
+        body = struct.pack("<HHIQQI", FrameType.PAGES, 0, 0, first, count, zlib.crc32(table))
+        return body + zlib.crc32(body).to_bytes(4, "little") + bytes(data) + table
+
+    frames = [pages(f, min(64, RAM_SIZE // PAGE_SIZE - f))
+              for f in range(0, RAM_SIZE // PAGE_SIZE, 64)]
+    first_copy = pages(page, 1, corrupt=copies.startswith("torn"))
+    last_copy = pages(page, 1, corrupt=copies.endswith("corrupted"),
+                      changed=copies.endswith("changed"))
+    if copies.endswith("changed"):
+        # A stale check of the first copy after the second's would refuse this stream.
+        source.memory.write(NOISE + 321, bytes([ram[NOISE + 321] ^ 0xFF]))
+    stream = b"".join([*frames, first_copy, *frames[:between], last_copy,
+                       _frame(FrameType.STATE, state),
+                       _frame(FrameType.END, json.dumps({"frames": 2 + len(frames) + between,
+                                                         "pages": 2 + RAM_SIZE // PAGE_SIZE
+                                                         + between * 64}).encode())])
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        receiver = ReceiverThread(kvm, theirs)
+        ours.sendall(_preamble() + _frame(FrameType.HELLO, json.dumps(hello).encode()))
+        kind, _, _, _, size, _, _ = FRAME_HEADER.unpack(_recv_exact(ours, FRAME_HEADER.size))
+        assert kind == FrameType.ACCEPT
+        _recv_exact(ours, size)
+        ours.sendall(stream)
+        result = receiver.result()
+    if not copies.endswith("corrupted"):
+        assert isinstance(result, tuple), result
+        assert receiver.digest == digest(source.memory)
+    else:
+        assert isinstance(result, MigrationError)
+        assert f"1 page(s) of region 0 (the first is page {page:#x}) failed" in str(result)
