@@ -1187,15 +1187,18 @@ class _Receiver:
             return False
         header, view, table = self.unchecked.popleft()
         slot, first, count = header.slot, header.first, header.count
-        self.suspect[slot] &= ~_run_mask(first, count)
+        mask = _run_mask(first, count)
         if zlib.crc32(table) != header.crc:
-            self.suspect[slot] |= _run_mask(first, count)
-        elif _page_crcs(view) != table:
+            self.suspect[slot] |= mask
+            return True
+        self.suspect[slot] &= ~mask
+        actual = _page_crcs(view)
+        if actual != table:
             # Torn by a write while it was sent (so it is dirty and comes again), or corrupted
             # (refused at the end unless a later copy replaces it).
             expected = struct.unpack(f"<{count}I", table)
-            actual = struct.unpack(f"<{count}I", _page_crcs(view))
-            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+            got_crcs = struct.unpack(f"<{count}I", actual)
+            for i, (want, got) in enumerate(zip(expected, got_crcs, strict=True)):
                 if want != got:
                     self.suspect[slot] |= 1 << (first + i)
         return True
