@@ -30,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,7 @@ from kvmlib import (
     VmConfig,
 )
 from kvmlib.memory import PAGE_SIZE
-from kvmlib.migration import MAX_FRAME_PAGES, MigrationStats, migrate, receive
+from kvmlib.migration import MAX_FRAME_PAGES, MigrationStats, _page_crcs, migrate, receive
 
 from .common import to_ring3
 from .guests import CODE, DONE_PORT, FIRST_EXIT, WORK_PORT
@@ -143,11 +142,6 @@ class _Child:
 
 
 FRAME = MAX_FRAME_PAGES * PAGE_SIZE
-
-
-def _page_crcs(data: memoryview) -> bytes:
-    return struct.pack(f"<{len(data) // PAGE_SIZE}I",
-                       *(zlib.crc32(data[o:o + PAGE_SIZE]) for o in range(0, len(data), PAGE_SIZE)))
 
 
 def _raw_send(memory: GuestMemoryMmap, checksummed: bool = False) -> float:
