@@ -420,6 +420,16 @@ def _preamble(magic: bytes = MAGIC, version: int = VERSION) -> bytes:
     return body + zlib.crc32(body).to_bytes(4, "little")
 
 
+def _frame(kind: FrameType, payload: bytes, *, first: int = 0, count: int | None = None,
+           crc_of: bytes | None = None) -> bytes:
+    """A frame as the wire format says: for PAGES, ``first``/``count`` and the CRC of ``crc_of``
+    (the page checksum table); for the others, the payload's length and CRC."""
+    size = len(payload) if count is None else count
+    body = struct.pack("<HHIQQI", kind, 0, 0, first, size,
+                       zlib.crc32(payload if crc_of is None else crc_of))
+    return body + zlib.crc32(body).to_bytes(4, "little") + payload
+
+
 @pytest.mark.parametrize(("stream", "message"), [
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a kvmlib migration stream"),
     (_preamble(version=VERSION + 1), f"stream version {VERSION + 1}; this kvmlib receives version "
@@ -447,10 +457,9 @@ def test_the_receiver_refuses_devices_it_does_not_have(kvm: Kvm) -> None:
                                      "read_only": False}],
                         "devices": [{"space": "pio", "base": 0x3F8, "kind": "Serial"}],
                         "page_checksums": True}).encode()
-    body = struct.pack("<HHIQQI", FrameType.HELLO, 0, 0, 0, len(hello), zlib.crc32(hello))
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        ours.sendall(_preamble() + body + zlib.crc32(body).to_bytes(4, "little") + hello)
+        ours.sendall(_preamble() + _frame(FrameType.HELLO, hello))
         with pytest.raises(MigrationError, match=r"devices \[Serial at pio 0x3f8\] but this bus has "
                                                  r"\[Tape at pio 0x20\]"):
             receive(kvm, theirs, EventExitHandler(), tape_bus(Tape()), timeout=TIMEOUT)
@@ -624,11 +633,6 @@ def test_the_helper_stays_a_window_ahead_of_the_stream_and_never_behind_it(
 # ---- timeouts --------------------------------------------------------------------------------------
 
 
-def _frame(kind: FrameType, payload: bytes) -> bytes:
-    body = struct.pack("<HHIQQI", kind, 0, 0, 0, len(payload), zlib.crc32(payload))
-    return body + zlib.crc32(body).to_bytes(4, "little") + payload
-
-
 @pytest.mark.parametrize("when", ["the handshake", "pre-copy"])
 def test_a_receiver_that_stops_answering_times_out_and_the_source_runs_on(
         source: Source, when: str) -> None:
@@ -714,8 +718,7 @@ def test_the_last_copy_of_a_page_decides_even_when_checks_are_deferred(
         table = migration._page_crcs(memoryview(data))
         if corrupt:
             data[123] ^= 0x01  # after its checksum was taken: as a tear or a bad link would
-        body = struct.pack("<HHIQQI", FrameType.PAGES, 0, 0, first, count, zlib.crc32(table))
-        return body + zlib.crc32(body).to_bytes(4, "little") + bytes(data) + table
+        return _frame(FrameType.PAGES, bytes(data) + table, first=first, count=count, crc_of=table)
 
     frames = [pages(f, min(64, RAM_SIZE // PAGE_SIZE - f))
               for f in range(0, RAM_SIZE // PAGE_SIZE, 64)]
